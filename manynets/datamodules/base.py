@@ -1,0 +1,174 @@
+"""The one data contract every method relies on (see ARCHITECTURE.md, "Data").
+
+A data module yields ``(images, labels)``: float images normalised with the data
+set's ``mean``/``std`` and int64 labels. It exposes ``num_classes``,
+``image_shape`` (C, H, W), ``mean`` and ``std``. Method-specific batch formatting
+happens inside the LightningModule, so nothing here knows about methods.
+
+Subclasses implement :meth:`train_set` and :meth:`test_sets`, each taking the
+transform to apply; the base class does the seeded train/val split, the standard
+augmentation (random crop with padding 4, horizontal flip) and the loaders.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision.transforms import v2
+
+
+class DataError(RuntimeError):
+    """A data set is missing or malformed; the message names the path, the expected layout and the fix."""
+
+
+class ImageDataModule(pl.LightningDataModule):
+    """Base class: seeded train/val split, standard augmentation and loaders.
+
+    Args:
+        data_dir: root folder of the data set files.
+        batch_size: training batch size (per process under DDP).
+        eval_batch_size: batch size for validation and test (default: ``batch_size``).
+        val_split: number (int >= 1) or fraction (0 < x < 1) of training samples held out
+            for validation, drawn with ``seed``; ``0`` validates on the test set (warns).
+        augment: random crop (padding 4) and horizontal flip on the training split.
+        num_workers, pin_memory, persistent_workers: passed to the DataLoaders.
+        seed: seed of the train/val split (independent of the training seed).
+    """
+
+    num_classes: int
+    image_shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_padding: int = 4
+    horizontal_flip: bool = True
+
+    def __init__(
+        self,
+        data_dir: str | Path = "data",
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        val_split: int | float = 5000,
+        augment: bool = True,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = True,
+        seed: int = 42,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}.")
+        if isinstance(val_split, float) and not 0 <= val_split < 1:
+            raise ValueError(f"data.val_split as a fraction must be in [0, 1), got {val_split}.")
+        if val_split < 0:
+            raise ValueError(f"data.val_split must be >= 0, got {val_split}.")
+        self.data_dir = Path(data_dir).expanduser()
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.val_split = val_split
+        self.augment = augment
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self.seed = seed
+        self.train_dataset: Dataset | None = None
+        self.val_dataset: Dataset | None = None
+        self.test_datasets: dict[str, Dataset] = {}
+
+    # -- to implement --------------------------------------------------------------
+    def train_set(self, transform: Callable) -> Dataset:
+        """The full official training set with ``transform`` applied to each image."""
+        raise NotImplementedError
+
+    def test_sets(self, transform: Callable) -> Mapping[str, Dataset]:
+        """Named test sets (``{"test": ...}`` for a single one) with ``transform`` applied."""
+        raise NotImplementedError
+
+    # -- transforms ----------------------------------------------------------------
+    def eval_transform(self) -> Callable:
+        """uint8 (C, H, W) tensor or PIL image -> normalised float tensor."""
+        return v2.Compose(
+            [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
+        )
+
+    def train_transform(self) -> Callable:
+        """Standard augmentation (random crop with padding, horizontal flip), then normalisation."""
+        if not self.augment:
+            return self.eval_transform()
+        size = self.image_shape[1:]
+        ops: list = [v2.ToImage(), v2.RandomCrop(size, padding=self.crop_padding)]
+        if self.horizontal_flip:
+            ops.append(v2.RandomHorizontalFlip())
+        ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
+        return v2.Compose(ops)
+
+    # -- Lightning hooks -----------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if stage in ("fit", "validate", None) and self.train_dataset is None:
+            train_aug = self.train_set(self.train_transform())
+            n = len(train_aug)
+            n_val = self._num_val(n)
+            if n_val == 0:
+                warnings.warn(
+                    f"{type(self).__name__}: val_split=0, so validation runs on the test set; "
+                    "do not select models or hyper-parameters on these numbers.",
+                    stacklevel=2,
+                )
+                self.train_dataset = train_aug
+                self.val_dataset = next(iter(self.test_sets(self.eval_transform()).values()))
+            else:
+                perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
+                train_plain = self.train_set(self.eval_transform())
+                self.train_dataset = Subset(train_aug, perm[n_val:])
+                self.val_dataset = Subset(train_plain, perm[:n_val])
+        if stage in ("test", "predict", None) and not self.test_datasets:
+            self.test_datasets = dict(self.test_sets(self.eval_transform()))
+
+    def _num_val(self, n: int) -> int:
+        n_val = round(self.val_split * n) if isinstance(self.val_split, float) else int(self.val_split)
+        if n_val >= n:
+            raise ValueError(
+                f"data.val_split={self.val_split} holds out {n_val} of only {n} training samples; "
+                "use a smaller number or a fraction such as 0.1."
+            )
+        return n_val
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            drop_last=train and len(dataset) > self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, train=False)
+
+    def test_dataloader(self) -> DataLoader | list[DataLoader]:
+        loaders = [self._loader(d, train=False) for d in self.test_datasets.values()]
+        return loaders[0] if len(loaders) == 1 else loaders
+
+    def predict_dataloader(self) -> DataLoader | list[DataLoader]:
+        return self.test_dataloader()
+
+    @property
+    def test_set_names(self) -> Sequence[str]:
+        """Names of the test loaders, in order; metric names are prefixed with them when there are several."""
+        return list(self.test_datasets)
+
+
+def require_path(path: Path, what: str, how_to_get: str) -> Path:
+    """Raise :class:`DataError` naming ``path`` and how to obtain it, unless it exists."""
+    if not path.exists():
+        raise DataError(f"{what} not found at '{path}'. {how_to_get}")
+    return path

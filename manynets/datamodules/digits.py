@@ -1,0 +1,104 @@
+"""Handwritten digits shipped with scikit-learn: real data that needs no download.
+
+The UCI optical-recognition digits (1797 images of 8x8 pixels, 16 grey levels,
+10 classes; ``sklearn.datasets.load_digits``) are upscaled bilinearly to
+``size`` x ``size`` and stored once as one uint8 tensor. A fixed seeded split
+holds out ``test_size`` images as the test set; the base class then holds out
+``val_split`` of the rest for validation. It is the default data set of the
+quickstart, the examples and the end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from manynets.datamodules.base import ImageDataModule
+
+
+class UInt8ImageDataset(Dataset):
+    """Images as one uint8 (N, C, H, W) tensor plus int64 labels; ``transform`` applies per item."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform=None) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        image = self.images[i]
+        return (self.transform(image) if self.transform else image), self.labels[i]
+
+
+class DigitsDataModule(ImageDataModule):
+    """scikit-learn's 8x8 digits resized to ``size`` px with ``channels`` channels (grey replicated).
+
+    Args:
+        size: side of the resized images.
+        channels: 1 (grey) or 3 (grey replicated, for backbones with an RGB stem).
+        test_size: images held out as the test set (fixed split, ``split_seed``).
+        split_seed: seed of the test split (kept apart from ``seed``, the train/val split).
+        augment: random crop with padding 4; no horizontal flip (digits are not mirror-symmetric).
+        Other arguments: see :class:`ImageDataModule`.
+    """
+
+    num_classes = 10
+    horizontal_flip = False
+    _MEAN, _STD = 0.3052, 0.3236  # of the resized images at 32 px, all 1797
+
+    def __init__(
+        self,
+        size: int = 32,
+        channels: int = 3,
+        test_size: int = 360,
+        split_seed: int = 0,
+        data_dir: str = "data",
+        batch_size: int = 64,
+        eval_batch_size: int | None = 256,
+        val_split: int | float = 180,
+        augment: bool = True,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = True,
+        seed: int = 42,
+    ) -> None:
+        super().__init__(
+            data_dir=data_dir,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            val_split=val_split,
+            augment=augment,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
+            seed=seed,
+        )
+        if channels not in (1, 3):
+            raise ValueError(f"data.channels must be 1 or 3, got {channels}.")
+        self.size, self.channels, self.test_size, self.split_seed = size, channels, test_size, split_seed
+        self.image_shape = (channels, size, size)
+        self.mean, self.std = (self._MEAN,) * channels, (self._STD,) * channels
+        self._images: torch.Tensor | None = None
+
+    def _load(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._images is None:
+            from sklearn.datasets import load_digits
+
+            digits = load_digits()
+            x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
+            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
+            x = (x.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, self.channels, -1, -1)
+            self._images = x.contiguous()
+            self._labels = torch.tensor(digits.target, dtype=torch.int64)
+            perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.split_seed))
+            self._test_idx, self._train_idx = perm[: self.test_size], perm[self.test_size :]
+        return self._images, self._labels
+
+    def train_set(self, transform) -> Dataset:
+        images, labels = self._load()
+        return UInt8ImageDataset(images[self._train_idx], labels[self._train_idx], transform)
+
+    def test_sets(self, transform) -> dict[str, Dataset]:
+        images, labels = self._load()
+        return {"test": UInt8ImageDataset(images[self._test_idx], labels[self._test_idx], transform)}

@@ -1,0 +1,228 @@
+"""Post-activation BasicBlock ResNets: torchvision-style ResNet-18/34 and CIFAR ResNet-20/32/44/56.
+
+He et al., "Deep Residual Learning for Image Recognition", CVPR 2016 (arXiv 1512.03385).
+
+:class:`ResNet` follows torchvision's ``resnet18``/``resnet34`` (same modules, same
+11,689,512 parameters for 1000 classes) with the options of the PHD-LAB saturation study
+(Richter et al., official ``delve-team/phd-lab`` ``phd_lab/models/resnet.py``, spec
+pinet_saturation §2.9): the ImageNet stem used unchanged at 32 px, widths divided by 2/4/8
+(``_S``/``_XS``/``_XXS``), early/late block distributions and no-skip variants; and of the
+subspaces Tiny ImageNet ResNet-18 (Wortsman et al., ICML 2021, official
+``apple/learning-subspaces`` ``models/tinyimagenetresnet.py``: 3x3 stride-1 stem, bias-free
+classifier, Kaiming fan_in init). YAML examples::
+
+    init_args: {depth: 18}                                        # PHD-LAB resnet18
+    init_args: {depth: 18, width_divisor: 4}                      # resnet18_XS
+    init_args: {depth: 18, blocks: [1, 1, 1, 5]}                  # resnet18_early
+    init_args: {depth: 18, stem: cifar, skip: false}              # PC_ResNet18
+    init_args: {depth: 18, stem: cifar, head_bias: false, init: kaiming_fan_in}  # subspaces Tiny
+
+:class:`CifarResNet` is the paper's CIFAR ResNet (16/32/64 channels, 3 stages of (depth-2)/6
+blocks). Its defaults are the subspaces ``cifar_resnet_20`` recipe (``models/cifar_resnet.py``):
+1x1-conv+BN shortcut, bias-free classifier, Kaiming fan_in init; He et al.'s option A is
+``shortcut: pad, head_bias: true``.
+
+The classifier is always a Linear on the pooled features: a bias-free Linear equals the
+official bias-free 1x1 conv applied after global pooling. ReLUs are not in-place so that
+forward hooks (probes) see unmodified tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
+
+
+class BasicBlock(nn.Module):
+    """conv3x3(stride)-BN-ReLU-conv3x3-BN, plus shortcut, then ReLU.
+
+    ``shortcut`` is ``None`` for a no-skip block (no residual addition at all), the identity
+    when the shape is unchanged, else the given module (1x1 conv + BN, or zero padding).
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride: int, shortcut: nn.Module | None) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.act1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = shortcut
+        self.act2 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x)))))
+        if self.shortcut is not None:
+            out = out + self.shortcut(x)
+        return self.act2(out)
+
+
+class PadShortcut(nn.Module):
+    """He et al.'s option A: subsample by ``stride`` and zero-pad the new channels (no parameters)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.extra, self.stride = c_out - c_in, stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
+
+
+def _shortcut(c_in: int, c_out: int, stride: int, kind: Literal["conv", "pad"], skip: bool) -> nn.Module | None:
+    if not skip:
+        return None
+    if stride == 1 and c_in == c_out:
+        return nn.Identity()
+    if kind == "pad":
+        return PadShortcut(c_in, c_out, stride)
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+
+def _init(model: nn.Module, init: Literal["kaiming_fan_out", "kaiming_fan_in"]) -> None:
+    """``kaiming_fan_out``: torchvision (convs N(0, 2/fan_out), Linear PyTorch default);
+    ``kaiming_fan_in``: subspaces (convs and classifier N(0, 2/fan_in)). BN 1/0 in both."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            mode = "fan_in" if init == "kaiming_fan_in" else "fan_out"
+            nn.init.kaiming_normal_(m.weight, mode=mode, nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    if init == "kaiming_fan_in":
+        nn.init.kaiming_normal_(model.head.weight, mode="fan_in", nonlinearity="relu")
+        if model.head.bias is not None:
+            nn.init.zeros_(model.head.bias)
+
+
+class ResNet(nn.Module):
+    """torchvision-style BasicBlock ResNet-18/34 split at the seams ``stem -> body -> pool -> head``.
+
+    Args:
+        num_classes: logits of the Linear head.
+        image_shape: (C, H, W) of the input; only C is used.
+        depth: 18 (blocks 2,2,2,2) or 34 (3,4,6,3); ignored when ``blocks`` is given.
+        stem: ``imagenet`` (conv7x7/2-BN-ReLU-maxpool3x3/2, also at 32 px as PHD-LAB does) or
+            ``cifar`` (conv3x3/1-BN-ReLU, no maxpool).
+        width_divisor: stage widths 64/d, 128/d, 256/d, 512/d (PHD-LAB ``_S``=2, ``_XS``=4, ``_XXS``=8).
+        blocks: blocks per stage, overriding ``depth`` (early [1,1,1,5], late [5,1,1,1]); stage i
+            has min(64·2^i, 512)/d channels and stride 2 except the first.
+        skip: False removes every residual connection (and the shortcut convs), as PHD-LAB's
+            ``noskip`` variants and ``PC_ResNet18``.
+        head_bias: bias of the Linear classifier.
+        init: ``kaiming_fan_out`` (torchvision, PHD-LAB) or ``kaiming_fan_in`` (subspaces).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        image_shape: tuple[int, int, int] = (3, 32, 32),
+        *,
+        depth: Literal[18, 34] = 18,
+        stem: Literal["imagenet", "cifar"] = "imagenet",
+        width_divisor: int = 1,
+        blocks: tuple[int, ...] | None = None,
+        skip: bool = True,
+        head_bias: bool = True,
+        init: Literal["kaiming_fan_out", "kaiming_fan_in"] = "kaiming_fan_out",
+    ) -> None:
+        super().__init__()
+        if blocks is None:
+            if depth not in _BLOCKS:
+                raise ValueError(f"ResNet depth={depth}; expected one of {sorted(_BLOCKS)} or give blocks")
+            blocks = _BLOCKS[depth]
+        if len(blocks) == 0 or min(blocks) < 1:
+            raise ValueError(f"ResNet blocks={blocks}; expected a non-empty tuple of positive ints")
+        if width_divisor < 1 or 64 % width_divisor:
+            raise ValueError(f"ResNet width_divisor={width_divisor}; expected a divisor of 64 (1, 2, 4, 8)")
+        c0 = 64 // width_divisor
+        self.stem_channels = c0
+        if stem == "imagenet":
+            self.stem = nn.Sequential(
+                nn.Conv2d(image_shape[0], c0, 7, 2, 3, bias=False), nn.BatchNorm2d(c0), nn.ReLU(),
+                nn.MaxPool2d(3, 2, 1),
+            )
+        elif stem == "cifar":
+            self.stem = nn.Sequential(nn.Conv2d(image_shape[0], c0, 3, 1, 1, bias=False), nn.BatchNorm2d(c0), nn.ReLU())
+        else:
+            raise ValueError(f"ResNet stem={stem!r}; expected 'imagenet' or 'cifar'")
+        layers: list[nn.Module] = []
+        c_in = c0
+        for stage, n in enumerate(blocks):
+            c_out = min(64 * 2**stage, 512) // width_divisor
+            for i in range(n):
+                stride = 2 if stage > 0 and i == 0 else 1
+                layers.append(BasicBlock(c_in, c_out, stride, _shortcut(c_in, c_out, stride, "conv", skip)))
+                c_in = c_out
+        self.body = nn.Sequential(*layers)
+        self.feature_dim = c_in
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(c_in, num_classes, bias=head_bias)
+        _init(self, init)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.body(self.stem(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class CifarResNet(nn.Module):
+    """CIFAR ResNet-20/32/44/56 (He et al. 2016 §4.2) split at the seams ``stem -> body -> pool -> head``.
+
+    Stem conv3x3-BN-ReLU with ``width`` channels, then 3 stages of (depth-2)/6 BasicBlocks with
+    width/2·width/4·width channels and strides 1/2/2, global average pool, Linear.
+    ResNet-20 with the defaults has 272,464 parameters for 10 classes (272,474 with ``head_bias``).
+
+    Args:
+        num_classes: logits of the Linear head.
+        image_shape: (C, H, W) of the input; only C is used.
+        depth: 6n+2 (20, 32, 44, 56, 110).
+        width: channels of the stem and first stage (16 in the paper).
+        shortcut: ``conv`` (1x1 conv + BN, subspaces) or ``pad`` (option A: subsample and zero-pad).
+        head_bias: bias of the Linear classifier (subspaces: a bias-free 1x1 conv, i.e. False).
+        init: ``kaiming_fan_in`` (subspaces: convs and classifier N(0, 2/fan_in)) or
+            ``kaiming_fan_out`` (convs N(0, 2/fan_out), Linear PyTorch default).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        image_shape: tuple[int, int, int] = (3, 32, 32),
+        *,
+        depth: int = 20,
+        width: int = 16,
+        shortcut: Literal["conv", "pad"] = "conv",
+        head_bias: bool = False,
+        init: Literal["kaiming_fan_out", "kaiming_fan_in"] = "kaiming_fan_in",
+    ) -> None:
+        super().__init__()
+        if depth < 8 or (depth - 2) % 6:
+            raise ValueError(f"CifarResNet depth={depth}; expected 6n+2 (20, 32, 44, 56, 110)")
+        n = (depth - 2) // 6
+        self.stem_channels = width
+        self.stem = nn.Sequential(nn.Conv2d(image_shape[0], width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        layers: list[nn.Module] = []
+        c_in = width
+        for stage in range(3):
+            c_out = width * 2**stage
+            for i in range(n):
+                stride = 2 if stage > 0 and i == 0 else 1
+                layers.append(BasicBlock(c_in, c_out, stride, _shortcut(c_in, c_out, stride, shortcut, True)))
+                c_in = c_out
+        self.body = nn.Sequential(*layers)
+        self.feature_dim = c_in
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(c_in, num_classes, bias=head_bias)
+        _init(self, init)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.body(self.stem(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
