@@ -24,13 +24,9 @@ import manynets.datamodules  # noqa: F401
 import manynets.lightning_modules  # noqa: F401
 import manynets.networks  # noqa: F401
 from manynets.datamodules.base import DataError, ImageDataModule
-from manynets.lightning_modules.classifier import ClassifierModule
+from manynets.lightning_modules.classifier import CheckpointMismatchError, ClassifierModule
 
 _PROGRESS_BARS = ("RichProgressBar", "TQDMProgressBar")
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint given with --ckpt_path was saved by another model class."""
 
 
 class ManynetsCLI(LightningCLI):

@@ -51,6 +51,10 @@ def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
     )
 
 
+class CheckpointMismatchError(ValueError):
+    """A checkpoint does not fit the model the config builds (another model class or backbone)."""
+
+
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite."""
 
@@ -289,7 +293,7 @@ class ClassifierModule(pl.LightningModule):
                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape differs", mismatched))
                 if keys
             )
-            raise ValueError(
+            raise CheckpointMismatchError(
                 f"This checkpoint does not fit {type(self).__name__} with backbone "
                 f"{type(self.network).__name__} ({details}). It was saved by another model or backbone: "
                 "pass the config the checkpoint was trained with (config.yaml beside its log directory)."
