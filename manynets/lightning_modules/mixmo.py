@@ -1,0 +1,302 @@
+"""MixMo: M encoders whose feature maps are mixed, one shared core network, M heads.
+
+Ramé, Sun & Cord, "MixMo: Mixing Multiple Inputs for Multiple Outputs via Deep Subnetworks",
+ICCV 2021 (arXiv 2103.06132); official code ``alexrame/mixmo-pytorch``; spec
+``specs/superposition_mixmo_subspaces.md`` §2. The math lives in :mod:`manynets.layers.mixing`
+and :mod:`manynets.layers.temperature`; this module wires it to the backbone seams:
+
+* **Network** (spec §2.1): member k has its own ``stem`` and ``head`` (member 0 keeps the
+  backbone's, the others come from fresh draws of the same backbone factory, so every member
+  follows the backbone's own init recipe); ``body`` and ``pool`` are shared. Training:
+  ``h = M * sum_k m_k * f_k`` with ``f_k = stem_k(x_k)``. Inference: one image through every stem,
+  ``h = sum_k stem_k(x)``; the ensemble prediction is the **mean of the member logits**.
+* **Batch repetition on the device** (spec §2.3): the data module yields ``n = data.batch_size``
+  unique images; each step repeats them ``b = batch_repetitions`` times and gives each member its
+  own permutation (``proba_input_repetition`` shares the first positions), so a step holds
+  ``B = n * b`` samples per member. **Epoch definition**: one epoch is one pass over the unique
+  images, ``|D| / n = |D| * b / B`` steps -- the official, b-times-longer epoch when
+  ``data.batch_size = B / b`` (as in every shipped config). To compare at the 1-net's steps per
+  epoch, set ``trainer.limit_train_batches: 1/b``.
+* **Mixing** (spec §2.2): Dirichlet(alpha) ratios, CutMix masks with probability ``cutmix_prob``
+  (decaying over the last 1/12 of training) else mixup masks, role shuffle, ``weight_root``
+  reweighting, soft-target CE summed over members, optional explicit ``l2_reg * sum ||theta||^2``.
+  MIMO = ``alpha: 0, cutmix_prob: 0, weight_root: 1``; Linear-MixMo = ``cutmix_prob: 0``; the
+  single-network mixup / CutMix baselines = ``num_members: 1`` with ``msda``.
+* **Evaluation**: ``test/ratio_errors`` (diversity over member pairs) besides the base metrics;
+  temperature scaling (``test/ts/{acc,nll,ece,brier}`` and ``test/temperature``) fitted on the
+  validation split (default) or cross-fitted on test halves as the official ``--tempscale``.
+  CIFAR-10-C/100-C: use :class:`~manynets.datamodules.CIFARCorruptionsDataModule` as ``data`` at test
+  time; metrics come per corruption and severity (``test/{set}/...``) and averaged (``test/mean/...``).
+* **Model selection**: the CLI keeps the checkpoint with the best ``val/acc`` and the last one. The
+  official code picks the epoch with the best *test* accuracy; manynets never selects on test.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+
+from manynets.layers.mixing import (
+    member_weights,
+    mix_features,
+    mixmo_masks,
+    msda as msda_mix,
+    patch_probability,
+    repetition_indices,
+    sample_ratios,
+    soft_cross_entropy,
+)
+from manynets.layers.temperature import cross_fit_temperature, fit_temperature
+from manynets.lightning_modules.classifier import BackboneFactory, ClassifierModule, classification_metrics
+from manynets.metrics import RatioErrors
+
+
+class MixMoModule(ClassifierModule):
+    """MixMo / MIMO / Linear-MixMo and the mixup / CutMix single networks (see the module doc).
+
+    Args:
+        num_members: M subnetworks (1: a single network, optionally with ``msda``).
+        alpha: Dirichlet concentration of the mixing ratios (2; <= 0 gives 1/M: MIMO).
+        cutmix_prob: probability p that a batch uses CutMix masks instead of mixup masks
+            (0.5 Cut-MixMo, 0 Linear-MixMo and MIMO); decays to 0 over the last 1/12 of the epochs.
+        weight_root: r of the loss weights ``w_k ∝ lam_k^(1/r)`` (3; MIMO: 1).
+        batch_repetitions: b, repetitions of each unique image per step (4 for MixMo, 1 for 1-nets).
+        proba_input_repetition: share of positions with identical inputs across members.
+        msda: mixed-sample data augmentation on the inputs (``cutmix``, ``mixup`` or None).
+        msda_prob, msda_beta: probability per member and sample, and Beta(beta, beta) of its ratio.
+        l2_reg: coefficient of the explicit ``sum ||theta||^2`` term over all parameters (the CIFAR
+            recipes use 3e-4 with SGD ``weight_decay: 0``).
+        temperature_scaling: ``val`` (fit T on the validation split), ``test_halves`` (official
+            cross-fit on test halves) or ``none``.
+        Other arguments: see :class:`ClassifierModule`.
+    """
+
+    def __init__(
+        self,
+        backbone: BackboneFactory,
+        num_classes: int = 10,
+        image_shape: tuple[int, int, int] = (3, 32, 32),
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        scheduler_interval: Literal["step", "epoch"] | None = None,
+        warmup_steps: int = 0,
+        warmup_epochs: int = 0,
+        no_weight_decay: list[str] | None = None,
+        label_smoothing: float = 0.0,
+        num_members: int = 2,
+        alpha: float = 2.0,
+        cutmix_prob: float = 0.5,
+        weight_root: float = 3.0,
+        batch_repetitions: int = 4,
+        proba_input_repetition: float = 0.0,
+        msda: Literal["cutmix", "mixup"] | None = None,
+        msda_prob: float = 0.5,
+        msda_beta: float = 1.0,
+        l2_reg: float = 0.0,
+        temperature_scaling: Literal["val", "test_halves", "none"] = "val",
+    ) -> None:
+        if num_members < 1:
+            raise ValueError(f"model.num_members={num_members}; expected >= 1 (2 in MixMo)")
+        if not 0.0 <= cutmix_prob <= 1.0:
+            raise ValueError(f"model.cutmix_prob={cutmix_prob}; expected a probability in [0, 1]")
+        if not 0.0 <= msda_prob <= 1.0:
+            raise ValueError(f"model.msda_prob={msda_prob}; expected a probability in [0, 1]")
+        if weight_root <= 0:
+            raise ValueError(f"model.weight_root={weight_root}; expected > 0 (3 in MixMo, 1 for MIMO)")
+        if batch_repetitions < 1:
+            raise ValueError(f"model.batch_repetitions={batch_repetitions}; expected >= 1 (4 in MixMo)")
+        if not 0.0 <= proba_input_repetition <= 1.0:
+            raise ValueError(f"model.proba_input_repetition={proba_input_repetition}; expected [0, 1]")
+        if l2_reg < 0:
+            raise ValueError(f"model.l2_reg={l2_reg}; expected >= 0")
+        if label_smoothing:
+            raise ValueError(
+                f"model.label_smoothing={label_smoothing}: MixMo trains on soft mixed targets; set it to 0."
+            )
+        super().__init__(
+            backbone, num_classes, image_shape, optimizer, lr_scheduler, scheduler_interval,
+            warmup_steps, warmup_epochs, no_weight_decay, label_smoothing,
+        )  # fmt: skip
+        for seam in ("stem", "body", "pool", "head"):
+            if not isinstance(getattr(self.network, seam, None), nn.Module):
+                raise ValueError(
+                    f"MixMo needs a backbone with `stem`, `body`, `pool` and `head` modules; "
+                    f"{type(self.network).__name__} has no `{seam}`. Use a manynets.networks backbone."
+                )
+        self.num_members = num_members
+        stems, heads = [self.network.stem], [self.network.head]
+        for _ in range(num_members - 1):
+            fresh = backbone(num_classes, self.image_shape)  # a new draw of the backbone's own init
+            stems.append(fresh.stem)
+            heads.append(fresh.head)
+            del fresh
+        self.stems = nn.ModuleList(stems)
+        self.heads = nn.ModuleList(heads)
+        # the member stems/heads live in self.stems/self.heads only (no duplicate state-dict keys)
+        self.network.stem = nn.Identity()
+        self.network.head = nn.Identity()
+        with torch.no_grad():
+            was_training = self.stems[0].training
+            self.stems[0].eval()
+            self.feature_hw = tuple(self.stems[0](torch.zeros(1, *self.image_shape)).shape[-2:])
+            self.stems[0].train(was_training)
+        self.temperature = 1.0
+
+    # -- network -------------------------------------------------------------------
+    def _core(self, h: torch.Tensor) -> torch.Tensor:
+        return self.network.pool(self.network.body(h))
+
+    def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Every member's logits (M, B, C) for the same images (h = sum_k stem_k(x)); (B, C) if M = 1."""
+        h = self.stems[0](images)
+        for stem in self.stems[1:]:
+            h = h + stem(images)
+        z = self._core(h)
+        logits = torch.stack([head(z) for head in self.heads]) if self.num_members > 1 else self.heads[0](z)
+        self._last_logits = logits
+        return logits
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Ensemble logits: the mean of the member logits."""
+        return self._ensemble(self.predict_logits(images))
+
+    # -- training ------------------------------------------------------------------
+    def progress(self) -> float:
+        """Training progress t = epoch / max_epochs that drives the CutMix decay."""
+        trainer = self._trainer
+        max_epochs = getattr(trainer, "max_epochs", None) if trainer is not None else None
+        if not max_epochs or max_epochs < 0:
+            return 0.0
+        return self.current_epoch / max_epochs
+
+    def mixmo_inputs(
+        self, images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Batch formation and masks of one step: (inputs (M,B,C,H,W), targets (M,B,K), masks, own indices).
+
+        Targets are soft labels already multiplied by the member weights w_k.
+        """
+        hp = self.hparams
+        m, device = self.num_members, images.device
+        own = repetition_indices(images.shape[0], m, hp.batch_repetitions, hp.proba_input_repetition, device)
+        size = own.shape[1]
+        lam = sample_ratios(size, m, hp.alpha, device)
+        use_cutmix = m > 1 and float(torch.rand(())) < patch_probability(hp.cutmix_prob, self.progress())
+        role_perm = torch.randperm(m).tolist() if m > 1 else None
+        masks, lam = mixmo_masks(lam, *self.feature_hw, "cutmix" if use_cutmix else "mixup", role_perm)
+        if hp.msda is not None:
+            inputs, targets = msda_mix(images, own, labels, masks, self.num_classes, hp.msda, hp.msda_prob, hp.msda_beta)
+        else:
+            inputs = images[own]
+            targets = F.one_hot(labels[own], self.num_classes).to(images.dtype)
+        weights = member_weights(lam, hp.weight_root) if m > 1 else torch.ones_like(lam)
+        targets = targets * weights.t()[..., None]
+        return inputs, targets, masks, own
+
+    def training_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, targets, masks, own = self.mixmo_inputs(images, labels)
+        self._train_labels = labels[own[0]]
+        if self.num_members == 1:
+            h = self.stems[0](inputs[0])
+        else:
+            h = mix_features(torch.stack([stem(x) for stem, x in zip(self.stems, inputs)]), masks)
+        z = self._core(h)
+        logits = [head(z) for head in self.heads]
+        loss = sum(soft_cross_entropy(zk, tk) for zk, tk in zip(logits, targets))
+        if self.hparams.l2_reg:
+            params = [p for p in self.parameters() if p.requires_grad]
+            loss = loss + self.hparams.l2_reg * torch.stack(torch._foreach_norm(params)).pow(2).sum()
+        return loss, logits[0]
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        """As the base, but train accuracy compares member 0's logits with its own (repeated) labels."""
+        images, labels = batch
+        loss, logits = self.training_loss(images, labels)
+        self.check_finite(loss)
+        self.train_acc(logits.detach(), self._train_labels)
+        self.log("train/loss", loss.detach(), prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    # -- evaluation: temperature scaling and ratio-errors ----------------------------
+    def on_test_start(self) -> None:
+        super().on_test_start()
+        mode = self.hparams.temperature_scaling
+        self.ts_metrics = nn.ModuleList(
+            [classification_metrics(self.num_classes, "") for _ in self.test_set_names]
+        ).to(self.device)
+        self.ratio_errors = nn.ModuleList(
+            [RatioErrors(self.num_members) for _ in self.test_set_names]
+        ).to(self.device)
+        self._collected: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in self.test_set_names]
+        self.temperature = self._fit_on_validation() if mode == "val" else 1.0
+
+    def _fit_on_validation(self) -> float:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "val_dataloader"):
+            warnings.warn("MixMoModule: no data module with a validation split; temperature scaling skipped.")
+            return 1.0
+        if getattr(datamodule, "val_dataset", True) is None:
+            datamodule.setup("validate")
+        logits, labels = [], []
+        with torch.no_grad():
+            for images, targets in datamodule.val_dataloader():
+                logits.append(self._ensemble(self.predict_logits(images.to(self.device))).float())
+                labels.append(targets.to(self.device))
+        return fit_temperature(torch.cat(logits), torch.cat(labels))
+
+    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        super().test_step(batch, batch_idx, dataloader_idx)
+        member_logits = self._last_logits
+        labels = self.evaluation_labels(batch[1], member_logits)
+        ensemble = self._ensemble(member_logits).float()
+        if member_logits.dim() == 3:
+            self.ratio_errors[dataloader_idx].update(member_logits, labels)
+        if self.hparams.temperature_scaling == "test_halves":
+            self._collected[dataloader_idx].append((ensemble, labels))
+        elif self.hparams.temperature_scaling == "val":
+            self.ts_metrics[dataloader_idx].update(ensemble / self.temperature, labels)
+
+    def on_test_epoch_end(self) -> None:
+        mode = self.hparams.temperature_scaling
+        results: dict[str, dict[str, torch.Tensor]] = {}
+        for i, name in enumerate(self.test_set_names):
+            values: dict[str, torch.Tensor] = {}
+            if self.num_members > 1:
+                values["ratio_errors"] = self.ratio_errors[i].compute()
+            if mode == "val":
+                values.update({f"ts/{k}": v for k, v in self.ts_metrics[i].compute().items()})
+                values["temperature"] = torch.tensor(self.temperature)
+            elif mode == "test_halves" and self._collected[i]:
+                values.update(self._cross_fit(i))
+            results[name] = values
+        single = len(results) == 1
+        for name, values in results.items():
+            prefix = "test/" if single else f"test/{name}/"
+            self.log_dict({prefix + k: v for k, v in values.items()})
+        shifted = [v for n, v in results.items() if n != "clean"]
+        if not single and shifted and shifted[0]:
+            for key in shifted[0]:
+                self.log(f"test/mean/{key}", torch.stack([v[key] for v in shifted]).mean())
+        for collection in (*self.ts_metrics, *self.ratio_errors):
+            collection.reset()
+        super().on_test_epoch_end()
+
+    def _cross_fit(self, i: int) -> dict[str, torch.Tensor]:
+        """Official ``--tempscale``: fit on one test half, evaluate on the other, average both ways."""
+        logits = torch.cat([lg for lg, _ in self._collected[i]])
+        labels = torch.cat([lb for _, lb in self._collected[i]])
+        halves = cross_fit_temperature(logits, labels)
+        per_half = []
+        for idx, temperature in halves:
+            metrics = classification_metrics(self.num_classes, "").to(logits.device)
+            metrics.update(logits[idx] / temperature, labels[idx])
+            per_half.append(metrics.compute())
+        values = {f"ts/{k}": torch.stack([h[k] for h in per_half]).mean() for k in per_half[0]}
+        values["temperature"] = torch.tensor(sum(t for _, t in halves) / len(halves))
+        return values
