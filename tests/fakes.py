@@ -62,8 +62,8 @@ def write_fake_cifar100(root, n_train: int = 50, n_test: int = 10, seed: int = 0
               folder / split)  # fmt: skip
         setattr(out, split, images)
         setattr(out, f"{split}_labels", fine)
-    _dump({"fine_label_names": [f"fine{i}" for i in range(100)], "coarse_label_names": [f"coarse{i}" for i in range(20)]},
-          folder / "meta")  # fmt: skip
+    names = {"fine_label_names": [f"fine{i}" for i in range(100)], "coarse_label_names": [f"c{i}" for i in range(20)]}
+    _dump(names, folder / "meta")
     return out
 
 
@@ -120,7 +120,8 @@ def write_fake_imagenet32(root, n_per_batch: int = 20, n_classes: int = 1000, n_
     root = Path(root)
     train, train_labels = [], []
     for b in range(1, 11):
-        data, labels = rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8), rng.integers(1, n_classes + 1, n_per_batch)
+        data = rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8)
+        labels = rng.integers(1, n_classes + 1, n_per_batch)
         _dump({"data": data, "labels": labels.tolist(), "mean": data.mean(0)}, root / f"train_data_batch_{b}", protocol)
         train.append(data)
         train_labels.append(labels)
@@ -130,7 +131,7 @@ def write_fake_imagenet32(root, n_per_batch: int = 20, n_classes: int = 1000, n_
                            val=val, val_labels=val_labels)  # fmt: skip
 
 
-def write_fake_cifar_c(root, variant: str = "cifar10", corruptions=("gaussian_noise", "fog"), n: int = 4) -> SimpleNamespace:
+def write_fake_cifar_c(root, variant: str = "cifar10", corruptions=("gaussian_noise", "fog"), n: int = 4):
     """``root/CIFAR-10-C/<corruption>.npy`` (uint8 (5n, 32, 32, 3)) and ``labels.npy`` (uint8 (5n,)).
 
     Severity s occupies rows (s-1)*n : s*n (the official files have n = 10000). Every pixel of

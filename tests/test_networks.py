@@ -47,8 +47,8 @@ CASES: dict[str, tuple[Callable[[], nn.Module], tuple[int, int, int]]] = {
     "wrn_mixmo": (lambda: WideResNet(10, depth=16, width=1, stride_on="conv2", strided_conv_padding="tf",
                                      init="mixmo"), (3, 32, 32)),
     "wrn_no_norm": (lambda: WideResNet(10, depth=10, width=1, norm=False, stem_norm_act=True), (3, 32, 32)),
-    "preact18_tiny": (lambda: PreActResNet(200, (3, 64, 64), width=1, stem_stride=2, final_norm_act=False,
-                                           init="mixmo"), (3, 64, 64)),
+    "preact18_tiny": (lambda: PreActResNet(200, (3, 64, 64), width=1, stem_stride=2, final_norm_act=False),
+                      (3, 64, 64)),
     "preact18": (lambda: PreActResNet(10), (3, 32, 32)),
     "resnet18_imagenet_stem": (lambda: ResNet(10, width_divisor=8), (3, 32, 32)),
     "resnet18_cifar_stem_noskip": (lambda: ResNet(10, stem="cifar", width_divisor=8, skip=False), (3, 32, 32)),
@@ -136,7 +136,7 @@ def test_wrn_depth_to_blocks() -> None:
 def test_resnet18_equals_torchvision() -> None:
     ours, ref = ResNet(1000, (3, 224, 224)), torchvision.models.resnet18()
     assert n_params(ours) == n_params(ref) == 11_689_512
-    assert n_params(ResNet(1000, (3, 224, 224), depth=34)) == n_params(torchvision.models.resnet34())
+    assert n_params(ResNet(1000, (3, 224, 224), depth=34)) == 21_797_672  # torchvision resnet34
     # Same modules in the same order: torchvision's weights give torchvision's outputs.
     copy_state_in_order(ref, ours)
     x = torch.randn(2, 3, 32, 32)
@@ -235,7 +235,8 @@ def test_final_norm_act_and_mimonet_layout() -> None:
     assert mimo.stem_channels == 64 and mimo.feature_dim == 64
     first = mimo.body[0]
     assert [type(m) for m in first.shortcut] == [nn.Conv2d, nn.BatchNorm2d]
-    assert [type(m) for m in standard.body[0].shortcut] == [nn.Conv2d]
+    assert isinstance(standard.body[0].shortcut, nn.Identity)  # 16 -> 16, stride 1
+    assert [type(m) for m in standard.body[1].shortcut] == [nn.Conv2d]
     # The shortcut reads the raw block input: conv1x1+BN of x itself.
     x = torch.randn(2, 64, 8, 8)
     with torch.no_grad():
@@ -243,6 +244,12 @@ def test_final_norm_act_and_mimonet_layout() -> None:
         assert torch.allclose(first.shortcut(x), ref)
     preact = PreActResNet(10, final_norm_act=False)
     assert not isinstance(preact.body[-1], (nn.BatchNorm2d, nn.ReLU))
+
+
+def test_dropout_sits_between_the_block_convs() -> None:
+    block = WideResNet(10, depth=10, width=1, dropout=0.3).body[0]
+    assert isinstance(block.dropout, nn.Dropout) and block.dropout.p == 0.3
+    assert isinstance(WideResNet(10, depth=10, width=1).body[0].dropout, nn.Identity)
 
 
 def test_no_norm_removes_every_batchnorm() -> None:
@@ -262,13 +269,12 @@ def test_isometry_convs_and_dirac_init() -> None:
         expected = torch.zeros_like(conv.weight)
         nn.init.dirac_(expected)
         assert torch.equal(conv.weight, expected)
-    assert not torch.equal(stem_conv.weight, torch.zeros_like(stem_conv.weight).fill_(0))
     assert stem_conv.weight.std() > 0.05  # Kaiming, not dirac
 
 
 def test_kaiming_fan_out_init_std() -> None:
     model = WideResNet(10, depth=16, width=4)
-    conv = model.body[4].conv2  # 128 -> 128 3x3, fan_out 1152
+    conv = model.body[2].conv2  # 128 -> 128 3x3, fan_out 1152
     assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / (128 * 9)), rel=0.05)
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert all(torch.all(m.weight == 1) and torch.all(m.bias == 0) for m in bns)
@@ -276,20 +282,20 @@ def test_kaiming_fan_out_init_std() -> None:
 
 def test_mixmo_init_statistics() -> None:
     torch.manual_seed(0)
-    model = WideResNet(100, depth=16, width=4, stride_on="conv2", strided_conv_padding="tf", init="mixmo")
-    conv = model.body[4].conv1  # 128 -> 128 3x3, fan_in 1152
-    he = math.sqrt(2 / (128 * 9))
+    model = WideResNet(100, depth=16, width=2, stride_on="conv2", strided_conv_padding="tf", init="mixmo")
+    conv = model.body[4].conv1  # 64 -> 128 3x3, fan_in 576
+    he = math.sqrt(2 / (64 * 9))
     assert conv.weight.std().item() == pytest.approx(he, rel=0.05)
     assert conv.weight.abs().max().item() <= 2 * he / TRUNC_NORMAL_2SIGMA_STD + 1e-6
-    head = model.head.weight  # Linear(256, 100) gets the same truncated He init
-    assert head.std().item() == pytest.approx(math.sqrt(2 / 256), rel=0.05)
-    assert head.abs().max().item() <= 2 * math.sqrt(2 / 256) / TRUNC_NORMAL_2SIGMA_STD + 1e-6
+    head = model.head.weight  # Linear(128, 100) gets the same truncated He init
+    assert head.std().item() == pytest.approx(math.sqrt(2 / 128), rel=0.05)
+    assert head.abs().max().item() <= 2 * math.sqrt(2 / 128) / TRUNC_NORMAL_2SIGMA_STD + 1e-6
     assert torch.all(model.head.bias == 0)
     preact = PreActResNet(200, width=1, init="mixmo")
     assert preact.head.weight.std().item() == pytest.approx(0.01, rel=0.05)
     assert torch.all(preact.head.bias == 0)
-    c = preact.body[2].conv2  # 128 -> 128
-    assert c.weight.std().item() == pytest.approx(he, rel=0.05)
+    c = preact.body[2].conv2  # 128 -> 128, fan_in 1152
+    assert c.weight.std().item() == pytest.approx(math.sqrt(2 / (128 * 9)), rel=0.05)
 
 
 @pytest.mark.parametrize("size", [32, 64])

@@ -167,6 +167,20 @@ class ImageDataModule(pl.LightningDataModule):
         return list(self.test_datasets)
 
 
+class UInt8ImageDataset(Dataset):
+    """Images as one uint8 (N, C, H, W) tensor plus int64 labels; ``transform`` applies per item."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform=None) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        image = self.images[i]
+        return (self.transform(image) if self.transform else image), self.labels[i]
+
+
 def require_path(path: Path, what: str, how_to_get: str) -> Path:
     """Raise :class:`DataError` naming ``path`` and how to obtain it, unless it exists."""
     if not path.exists():

@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 
 from manynets.datamodules.base import DataError, ImageDataModule, require_path
 from manynets.datamodules.cifar import CIFAR10DataModule, CIFAR100DataModule
-from manynets.datamodules.digits import UInt8ImageDataset
+from manynets.datamodules.base import UInt8ImageDataset
 
 BENCHMARK = (
     "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",

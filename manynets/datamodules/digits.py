@@ -14,21 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from manynets.datamodules.base import ImageDataModule
-
-
-class UInt8ImageDataset(Dataset):
-    """Images as one uint8 (N, C, H, W) tensor plus int64 labels; ``transform`` applies per item."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform=None) -> None:
-        self.images, self.labels, self.transform = images, labels, transform
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int):
-        image = self.images[i]
-        return (self.transform(image) if self.transform else image), self.labels[i]
+from manynets.datamodules.base import ImageDataModule, UInt8ImageDataset
 
 
 class DigitsDataModule(ImageDataModule):

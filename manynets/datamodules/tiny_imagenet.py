@@ -25,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from manynets.datamodules.base import DataError, ImageDataModule, require_path
-from manynets.datamodules.digits import UInt8ImageDataset
+from manynets.datamodules.base import UInt8ImageDataset
 
 URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 

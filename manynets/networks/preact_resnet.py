@@ -4,7 +4,7 @@ He et al., "Identity Mappings in Deep Residual Networks", ECCV 2016 (arXiv 1603.
 MixMo (Ramé et al., ICCV 2021, official ``alexrame/mixmo-pytorch``
 ``mixmo/networks/resnet.py``) uses PreActResNet-18-w on Tiny ImageNet: a conv3x3 stride-2
 stem with 64 channels (not widened), stages of 64w/128w/256w/512w channels, no final BN-ReLU,
-global average pooling and a truncated-normal He init with Linear N(0, 0.01). As YAML::
+global average pooling (MixMo's ``avg_pool2d(·, 4)`` on the final 4x4 map) and a truncated-normal He init with Linear N(0, 0.01). As YAML::
 
     backbone:
       class_path: manynets.networks.PreActResNet

@@ -68,8 +68,7 @@ class VGG(nn.Module):
         if width_divisor < 1 or 64 % width_divisor:
             raise ValueError(f"VGG width_divisor={width_divisor}; expected a divisor of 64 (1, 2, 4, 8, 16)")
         cfg = [v if v == "M" else int(v) // width_divisor for v in CONFIGS[depth]]
-        c0 = cfg[0]
-        assert isinstance(c0, int)
+        c0 = int(cfg[0])
         self.stem_channels = c0
         self.stem = nn.Sequential(*_conv_bn_relu(image_shape[0], c0))
         layers: list[nn.Module] = []

@@ -163,6 +163,10 @@ class WideResNet(nn.Module):
         init: ``kaiming_fan_out`` (convs N(0, 2/fan_out), BN 1/0, Linear PyTorch default;
             MIMOConv, Zagoruyko) or ``mixmo`` (convs and Linear: He fan_in truncated to ±2σ, σ/0.8796,
             biases 0).
+        init_slope: with ``kaiming_fan_out``, use the leaky-ReLU gain with this negative slope on
+            the block and shortcut convs (:func:`isometry_convs`): the init MIMOConv's ISO models
+            intend (0.5 for MIMONet's PReLU, 0.45 for WideISONet) but never run, since that branch
+            of the official code is dead (spec §1.10). None: ReLU gain.
     """
 
     def __init__(
@@ -186,6 +190,7 @@ class WideResNet(nn.Module):
         stride_on: Literal["conv1", "conv2"] = "conv1",
         strided_conv_padding: Literal["same", "tf"] = "same",
         init: Literal["kaiming_fan_out", "mixmo"] = "kaiming_fan_out",
+        init_slope: float | None = None,
     ) -> None:
         super().__init__()
         if depth < 10 or (depth - 4) % 6:
@@ -236,6 +241,9 @@ class WideResNet(nn.Module):
         if init == "mixmo":
             he_trunc_normal_(self.head.weight)
             nn.init.zeros_(self.head.bias)
+        if init_slope is not None and init == "kaiming_fan_out":
+            for conv in isometry_convs(self):
+                nn.init.kaiming_normal_(conv.weight, a=init_slope, mode="fan_out", nonlinearity="leaky_relu")
         if dirac_init:
             for conv in isometry_convs(self):
                 nn.init.dirac_(conv.weight)
