@@ -211,3 +211,23 @@ def test_nan_loss_fails_clearly_and_keeps_last_epoch_checkpoint(tmp_path):
     with pytest.raises(NonFiniteLossError, match="Training loss is nan at epoch 1.*GradientFilter.*last.ckpt"):
         trainer.fit(module, data)
     assert torch.load(tmp_path / "last.ckpt", weights_only=False)["epoch"] == 0  # hparams hold the MLP class
+
+
+@pytest.mark.slow
+def test_wandb_logger_offline(tmp_path, monkeypatch):
+    """W&B is selectable and works with WANDB_MODE=offline and no network."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cli([
+        "fit", "--config", str(DIGITS), *TINY, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
+        "--trainer.logger=lightning.pytorch.loggers.WandbLogger", "--trainer.logger.init_args.project=manynets-test",
+        f"--trainer.logger.init_args.save_dir={tmp_path}", f"--checkpoint.dirpath={tmp_path / 'ckpt'}",
+    ])
+    import wandb
+
+    wandb.finish()
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert runs and any(runs[0].glob("*.wandb"))
