@@ -6,8 +6,8 @@ ICCV 2021 (arXiv 2103.06132); official code ``alexrame/mixmo-pytorch``; spec
 and :mod:`manynets.layers.temperature`; this module wires it to the backbone seams:
 
 * **Network** (spec §2.1): member k has its own ``stem`` and ``head`` (member 0 keeps the
-  backbone's, the others come from fresh draws of the same backbone factory, so every member
-  follows the backbone's own init recipe); ``body`` and ``pool`` are shared. Training:
+  backbone's; the others are copies re-drawn with the backbone's init recipe, :func:`reinit_member`);
+  ``body`` and ``pool`` are shared. Training:
   ``h = M * sum_k m_k * f_k`` with ``f_k = stem_k(x_k)``. Inference: one image through every stem,
   ``h = sum_k stem_k(x)``; the ensemble prediction is the **mean of the member logits**.
 * **Batch repetition on the device** (spec §2.3): the data module yields ``n = data.batch_size``
@@ -33,6 +33,7 @@ and :mod:`manynets.layers.temperature`; this module wires it to the backbone sea
 
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Literal
 
@@ -54,6 +55,39 @@ from manynets.layers.mixing import (
 from manynets.layers.temperature import cross_fit_temperature, fit_temperature
 from manynets.lightning_modules.classifier import BackboneFactory, ClassifierModule, classification_metrics
 from manynets.metrics import RatioErrors
+from manynets.networks.preact_resnet import PreActResNet
+from manynets.networks.wide_resnet import he_trunc_normal_
+
+
+def reinit_member(module: nn.Module, init: str | None, network: nn.Module) -> nn.Module:
+    """Re-draw the parameters of a copied stem or head with the backbone's init recipe (in place).
+
+    ``init`` is the backbone's ``init`` option: ``mixmo`` (convs He fan_in truncated to ±2σ, σ/0.8796;
+    Linear the same for WideResNet and N(0, 0.01) for PreActResNet, biases 0; spec §2.1),
+    ``kaiming_fan_out`` / ``kaiming_fan_in`` (convs Kaiming normal; Linear: PyTorch default for
+    fan_out, Kaiming fan_in for fan_in). Norm layers go back to weight 1, bias 0. Any other module
+    with ``reset_parameters`` (and every backbone without an ``init`` option) gets PyTorch's default.
+    """
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d) and init in ("mixmo", "kaiming_fan_out", "kaiming_fan_in"):
+            if init == "mixmo":
+                he_trunc_normal_(m.weight)
+            else:
+                nn.init.kaiming_normal_(m.weight, mode=init[len("kaiming_"):], nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear) and init in ("mixmo", "kaiming_fan_in"):
+            if init == "mixmo" and isinstance(network, PreActResNet):
+                nn.init.normal_(m.weight, 0.0, 0.01)
+            elif init == "mixmo":
+                he_trunc_normal_(m.weight)
+            else:
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    return module
 
 
 class MixMoModule(ClassifierModule):
@@ -129,12 +163,11 @@ class MixMoModule(ClassifierModule):
                     f"{type(self.network).__name__} has no `{seam}`. Use a manynets.networks backbone."
                 )
         self.num_members = num_members
+        init = getattr(backbone, "keywords", {}).get("init")
         stems, heads = [self.network.stem], [self.network.head]
         for _ in range(num_members - 1):
-            fresh = backbone(num_classes, self.image_shape)  # a new draw of the backbone's own init
-            stems.append(fresh.stem)
-            heads.append(fresh.head)
-            del fresh
+            stems.append(reinit_member(copy.deepcopy(self.network.stem), init, self.network))
+            heads.append(reinit_member(copy.deepcopy(self.network.head), init, self.network))
         self.stems = nn.ModuleList(stems)
         self.heads = nn.ModuleList(heads)
         # the member stems/heads live in self.stems/self.heads only (no duplicate state-dict keys)
