@@ -1,0 +1,269 @@
+"""Linear probes on every chosen layer of a frozen, trained backbone (spec pinet_saturation §2.7;
+PHD-LAB extract + probes; Richter et al. BMVC 2021: probe accuracy plateaus over the "tail" of
+unproductive, low-saturation layers).
+
+``ProbeModule`` loads the backbone of any manynets checkpoint (the model is rebuilt from the
+checkpoint's hyper-parameters, as ``--ckpt_path`` does, and its ``.network`` is kept), freezes it in
+eval mode and trains one linear probe per chosen layer (:class:`manynets.layers.probes.LinearProbe`:
+multinomial logistic regression with scikit-learn's L2 objective) — **all probes in the same pass**
+over the data, on the fly, no activations on disk. Train/val/test probe accuracies are logged as
+``probe/{split}/{layer}`` and written to ``probes.csv`` (one row per layer / position) with a plot
+``probes.png``. ``val/acc`` etc. remain the frozen backbone's own metrics.
+
+Decisions where the official code differs: the backbone stays in eval mode for the training split too
+(PHD-LAB extracts training latents with ``model.train()``, i.e. batch statistics and dropout); the
+train accuracy is the running accuracy over the epoch's batches as the probes learn (PHD-LAB scores
+the fitted probe on the training latents; ``sklearn_reference`` reports that number too).
+
+``sklearn_reference=True`` (small data) also extracts pooled features in memory at the end of
+``fit`` and fits scikit-learn's ``LogisticRegression`` per layer (``ref_*_acc`` columns).
+"""
+
+from __future__ import annotations
+
+import csv
+from functools import partial
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable, instantiate_module
+from torch import nn
+
+from manynets.callbacks.saturation import log_figure, select_layers
+from manynets.layers.probes import LinearProbe, ProbeAccuracy, extract_features, probe_features, sklearn_probe_accuracies
+from manynets.lightning_modules.classifier import BackboneFactory, ClassifierModule
+
+
+def load_backbone(checkpoint: str, num_classes: int = 0, image_shape: tuple = ()) -> nn.Module:
+    """The trained ``.network`` of a manynets checkpoint (model rebuilt from its hyper-parameters)."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"ProbeModule checkpoint '{checkpoint}' is not a file; give a .ckpt written by `manynets fit` "
+            "(e.g. <run>/checkpoints/last.ckpt)."
+        )
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    hparams = dict(ckpt.get("hyper_parameters", {}))
+    if "_class_path" not in hparams:
+        raise ValueError(
+            f"checkpoint '{checkpoint}' has no '_class_path' hyper-parameter: it was not written by the "
+            "manynets CLI. Train the backbone with `manynets fit` (or pass backbone=... instead)."
+        )
+    hparams.pop("_instantiator", None)
+    model = instantiate_module(pl.LightningModule, hparams)
+    network = getattr(model, "network", None)
+    if network is None:
+        raise ValueError(f"the model in '{checkpoint}' ({hparams['_class_path']}) has no .network backbone")
+    state = {k[len("network.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("network.")}
+    network.load_state_dict(state, strict=True)
+    return network
+
+
+class ProbeModule(ClassifierModule):
+    """Frozen backbone + one linear probe per chosen layer, all trained in one pass.
+
+    Args:
+        checkpoint: a manynets checkpoint whose backbone is probed.
+        backbone: instead of ``checkpoint``, a backbone built fresh (e.g. an untrained control).
+        layers: regular expression on layer names (``-``-joined module paths, as the Saturation callback).
+        types: layer classes probed (``Conv2d``, ``Linear``).
+        pool_size: conv maps are adaptively average-pooled to d x d (PHD-LAB ``--downsample``, default 4).
+        pixelwise: one probe per spatial position on the C channels instead of pooling.
+        C: inverse L2 strength, as scikit-learn's ``LogisticRegression(C=...)``.
+        standardize: standardise features with running statistics (StandardScaler).
+        sklearn_reference: at the end of fit also fit scikit-learn probes on extracted features (small data).
+        reference_solver, reference_max_iter: solver of the reference (PHD-LAB: ``saga``, 100).
+        dirpath: folder of ``probes.csv`` / ``probes.png`` (default: the trainer's ``log_dir``).
+        Other arguments: see :class:`ClassifierModule` (the optimizer sees only the probes).
+    """
+
+    def __init__(
+        self,
+        checkpoint: str = "",
+        backbone: BackboneFactory | None = None,
+        num_classes: int = 10,
+        image_shape: tuple[int, int, int] = (3, 32, 32),
+        layers: str | None = None,
+        types: list[str] = ["Conv2d", "Linear"],  # noqa: B006
+        pool_size: int = 4,
+        pixelwise: bool = False,
+        C: float = 1.0,
+        standardize: bool = True,
+        sklearn_reference: bool = False,
+        reference_solver: str = "lbfgs",
+        reference_max_iter: int = 1000,
+        dirpath: str | None = None,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        scheduler_interval: str | None = None,
+        warmup_steps: int = 0,
+        warmup_epochs: int = 0,
+        no_weight_decay: list[str] | None = None,
+    ) -> None:
+        if bool(checkpoint) == (backbone is not None):
+            raise ValueError(
+                "ProbeModule needs exactly one of checkpoint (a trained manynets .ckpt) and backbone "
+                f"(a fresh one); got checkpoint={checkpoint!r}, backbone={backbone!r}."
+            )
+        if pixelwise and sklearn_reference:
+            raise ValueError("ProbeModule: sklearn_reference supports pooled features only; set pixelwise=false")
+        if C <= 0:
+            raise ValueError(f"ProbeModule C={C}; expected > 0 (inverse L2 strength, scikit-learn's C)")
+        factory = partial(load_backbone, checkpoint) if checkpoint else backbone
+        super().__init__(factory, num_classes, image_shape, optimizer, lr_scheduler, scheduler_interval,
+                         warmup_steps, warmup_epochs, no_weight_decay)  # fmt: skip
+        self.network.requires_grad_(False)
+        self.network.eval()
+        self.modules_probed = select_layers(self.network, layers, types)
+        self._captured: dict[str, torch.Tensor] = {}
+        for name, module in self.modules_probed.items():
+            module.register_forward_hook(self._capture(name))
+        with torch.no_grad():
+            self.network(torch.zeros(2, *self.image_shape))
+        self.probes = nn.ModuleDict()
+        self.probe_acc = nn.ModuleDict()
+        for name, out in self._captured.items():
+            feats = probe_features(out, pool_size, pixelwise)
+            self.probes[name] = LinearProbe(feats.shape[1], feats.shape[2], num_classes, standardize)
+            self.probe_acc[name] = nn.ModuleDict({f"{s}_acc": ProbeAccuracy(feats.shape[1]) for s in ("train", "val", "test")})
+        self.results: dict[str, dict[str, float]] = {}
+        self._num_train = 0
+
+    def _capture(self, name: str):
+        def hook(module, inputs, output):
+            self._captured[name] = output.detach()
+
+        return hook
+
+    def train(self, mode: bool = True):
+        """The backbone stays in eval mode (frozen BN statistics, no dropout); the probes follow ``mode``."""
+        super().train(mode)
+        self.network.eval()
+        return self
+
+    # -- probes --------------------------------------------------------------------
+    def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.network(images)  # hooks fill self._captured
+
+    def _probe_logits(self) -> dict[str, torch.Tensor]:
+        hp = self.hparams
+        return {n: self.probes[n](probe_features(self._captured[n], hp.pool_size, hp.pixelwise)) for n in self.probes}
+
+    def on_fit_start(self) -> None:
+        dataset = getattr(self.trainer.train_dataloader, "dataset", None)
+        size = len(dataset) if dataset is not None else 0
+        self._num_train = size or self.trainer.num_training_batches * getattr(self.trainer.datamodule, "batch_size", 1)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        self.predict_logits(images)
+        l2 = 1.0 / (self.hparams.C * max(self._num_train, 1))
+        loss = images.new_zeros(())
+        for name, logits in self._probe_logits().items():
+            loss = loss + self.probes[name].loss(logits, labels, l2)
+            self.probe_acc[name]["train_acc"].update(logits.detach(), labels)
+        self.check_finite(loss)
+        self.log("train/probe_loss", loss.detach(), prog_bar=True)
+        return loss
+
+    def _classes_match(self, logits: torch.Tensor) -> bool:
+        return logits.shape[-1] == self.num_classes
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        images, labels = batch
+        logits = self.predict_logits(images)  # one forward: backbone logits + hooked layer outputs
+        if self._classes_match(logits):
+            self.val_metrics.update(logits.float(), labels)
+            for name, metric in self.val_metrics.items():
+                self.log(name, metric, prog_bar=name == "val/acc")
+        for name, out in self._probe_logits().items():
+            self.probe_acc[name]["val_acc"].update(out, labels)
+
+    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        images, labels = batch
+        logits = self.predict_logits(images)
+        if self._classes_match(logits):
+            self.test_metrics[dataloader_idx]["ensemble"].update(logits.float(), labels)
+        if dataloader_idx == 0:  # probe test accuracy on the first (clean) test set
+            for name, out in self._probe_logits().items():
+                self.probe_acc[name]["test_acc"].update(out, labels)
+
+    def _collect(self, split: str) -> None:
+        for name, metrics in self.probe_acc.items():
+            acc = metrics[f"{split}_acc"].compute().reshape(-1)
+            metrics[f"{split}_acc"].reset()
+            if self.trainer.sanity_checking:
+                continue
+            keys = [name] if acc.numel() == 1 else [f"{name}-({i // self._side(acc)},{i % self._side(acc)})" for i in range(acc.numel())]
+            for key, value in zip(keys, acc.tolist()):
+                self.results.setdefault(key, {})[f"{split}_acc"] = value
+            self.log(f"probe/{split}/{name}", acc.mean().float(), sync_dist=False)
+
+    @staticmethod
+    def _side(acc: torch.Tensor) -> int:
+        return max(int(round(acc.numel() ** 0.5)), 1)
+
+    def on_validation_epoch_end(self) -> None:
+        self._collect("val")
+
+    def on_train_epoch_end(self) -> None:
+        self._collect("train")
+        self.write_results()
+
+    def on_test_epoch_end(self) -> None:
+        super().on_test_epoch_end()
+        self._collect("test")
+        self.write_results()
+
+    # -- scikit-learn reference ----------------------------------------------------------
+    def on_fit_end(self) -> None:
+        if not self.hparams.sklearn_reference or not self.trainer.is_global_zero:
+            return
+        dm = self.trainer.datamodule
+        dm.setup("test")
+        train = extract_features(self.network, self.modules_probed, dm.train_dataloader(), self.hparams.pool_size, self.device)
+        evals = {
+            split: extract_features(self.network, self.modules_probed, loader, self.hparams.pool_size, self.device)
+            for split, loader in (("val", dm.val_dataloader()), ("test", dm.test_dataloader()))
+        }
+        ref = sklearn_probe_accuracies(
+            train, evals, self.hparams.C, self.hparams.reference_solver, self.hparams.reference_max_iter, self.hparams.standardize
+        )
+        for name, row in ref.items():
+            self.results.setdefault(name, {}).update({f"ref_{k}": v for k, v in row.items()})
+        self.write_results()
+
+    # -- outputs ------------------------------------------------------------------------
+    def write_results(self) -> None:
+        """``probes.csv`` (layer, train/val/test accuracy, references) and ``probes.png`` on rank 0."""
+        if not self.results or not self.trainer.is_global_zero:
+            return
+        directory = Path(self.hparams.dirpath or self.trainer.log_dir or self.trainer.default_root_dir)
+        directory.mkdir(parents=True, exist_ok=True)
+        columns = ["layer"] + sorted({k for row in self.results.values() for k in row})
+        with open(directory / "probes.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            for name, row in self.results.items():
+                writer.writerow({"layer": name, **row})
+        if self.hparams.pixelwise:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        names = list(self.results)
+        fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names) + 2), 4))
+        for column in columns[1:]:
+            ax.plot(range(len(names)), [100 * self.results[n].get(column, float("nan")) for n in names], "o-", label=column)
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=90, fontsize=7)
+        ax.set_ylabel("probe accuracy (%)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(directory / "probes.png", dpi=100)
+        log_figure(self.trainer, "probes", fig, self.global_step)
+        plt.close(fig)
