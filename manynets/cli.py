@@ -99,6 +99,11 @@ class ManynetsCLI(LightningCLI):
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``manynets`` console script and ``python -m manynets``."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["grid"]:  # `manynets grid --config grid.yaml`: see manynets/grid.py
+        from manynets.grid import main as grid_main
+
+        raise SystemExit(grid_main(argv[1:]))
     try:
         ManynetsCLI(args=args)
     except (DataError, CheckpointMismatchError) as err:

@@ -1,0 +1,2 @@
+from manynets.callbacks.receptive_field import ReceptiveField  # noqa: F401
+from manynets.callbacks.saturation import Saturation  # noqa: F401

@@ -2,5 +2,6 @@
 
 from manynets.lightning_modules.classifier import ClassifierModule
 from manynets.lightning_modules.mixmo import MixMoModule
+from manynets.lightning_modules.probe import ProbeModule
 
-__all__ = ["ClassifierModule", "MixMoModule"]
+__all__ = ["ClassifierModule", "MixMoModule", "ProbeModule"]
