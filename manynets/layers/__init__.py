@@ -1,2 +1,4 @@
+from manynets.layers.binding import HRRBinding, LearnedUnbinding, MBATBinding, SumBinding  # noqa: F401
+from manynets.layers.isometry import isometry_regularization  # noqa: F401
 from manynets.layers.covariance import StreamingCovariance, intrinsic_dimension, saturation  # noqa: F401
 from manynets.layers.pca import PCAProjection, delta_sweep, insert_pca_layers  # noqa: F401

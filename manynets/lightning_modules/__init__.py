@@ -3,5 +3,6 @@
 from manynets.lightning_modules.classifier import ClassifierModule
 from manynets.lightning_modules.mixmo import MixMoModule
 from manynets.lightning_modules.probe import ProbeModule
+from manynets.lightning_modules.superposition import SuperpositionModule
 
-__all__ = ["ClassifierModule", "MixMoModule", "ProbeModule"]
+__all__ = ["ClassifierModule", "MixMoModule", "ProbeModule", "SuperpositionModule"]

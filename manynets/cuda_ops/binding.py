@@ -1,0 +1,167 @@
+"""HRR binding along channels at every pixel: circular convolution by FFT (spec §1.2).
+
+MIMOConv (Menet et al., NeurIPS 2023) binds slot j of a superposition with a key
+k_j in R^C by circular convolution along the channel axis at every pixel, then sums
+the slots (bundling)::
+
+    s[g, :, h, w] = sum_j  x[g, j, :, h, w] (*) k_j,     (a (*) k)[m] = sum_t a[t] k[(m - t) mod C]
+
+The official code (``IBM/multiple-input-multiple-output-nets`` ``MIMOConv/src/superposition.py``)
+computes it as a grouped ``Conv1d`` (groups = N, kernel C, circular padding C/2, first output
+dropped), O(C^2) per pixel. That conv computes ``out[m] = sum_j x[j] w[(j - m - 1 + C/2) mod C]``,
+the circular convolution with the key ``k[t] = w[(C/2 - 1 - t) mod C]``: the weight reversed and
+rolled by C/2 (:func:`conv1d_weight_to_key`; the map is its own inverse). Here it is computed with
+real FFTs in O(C log C), and the slot sum happens in the frequency domain, so one inverse FFT
+serves all slots.
+
+:func:`hrr_bind_bundle` is a ``torch.library`` custom op (``manynets::hrr_bind_bundle``) with a
+fake (meta) implementation and an autograd formula, so ``torch.compile`` traces it as one node. Its
+implementation is the torch reference and runs on any device; a fused GPU bind-and-bundle kernel is
+not provided (no GPU was available to test one against this reference).
+
+Unbinding in MIMOConv is learned (see :class:`manynets.layers.binding.LearnedUnbinding`); the HRR
+correlation :func:`hrr_unbind` is provided for analysis: a key with ``|FFT(k)| = 1`` inverts exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "circular_convolution",
+    "circular_correlation",
+    "conv1d_weight_to_key",
+    "grouped_conv1d_bind",
+    "hrr_bind",
+    "hrr_bind_bundle",
+    "hrr_unbind",
+    "key_to_conv1d_weight",
+]
+
+
+def _fft_dtype(x: Tensor) -> torch.dtype:
+    """FFTs in at least float32 (half-precision FFTs need power-of-two sizes on CUDA, none on CPU)."""
+    return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def circular_convolution(x: Tensor, k: Tensor, dim: int = -1) -> Tensor:
+    """``(x (*) k)[m] = sum_t x[t] k[(m - t) mod C]`` along ``dim`` (broadcasting), by real FFT."""
+    c = x.shape[dim]
+    dt = _fft_dtype(x)
+    out = torch.fft.irfft(torch.fft.rfft(x.to(dt), dim=dim) * torch.fft.rfft(k.to(dt), dim=dim), n=c, dim=dim)
+    return out.to(x.dtype)
+
+
+def circular_correlation(x: Tensor, k: Tensor, dim: int = -1) -> Tensor:
+    """``(x (.) k)[m] = sum_t x[t + m] k[t]`` along ``dim``: the HRR approximate inverse of binding with k."""
+    c = x.shape[dim]
+    dt = _fft_dtype(x)
+    xf, kf = torch.fft.rfft(x.to(dt), dim=dim), torch.fft.rfft(k.to(dt), dim=dim)
+    return torch.fft.irfft(xf * kf.conj(), n=c, dim=dim).to(x.dtype)
+
+
+def hrr_bind(x: Tensor, key: Tensor, dim: int = -1) -> Tensor:
+    """HRR binding of x with key along ``dim`` (circular convolution), without bundling."""
+    return circular_convolution(x, key, dim)
+
+
+def hrr_unbind(s: Tensor, key: Tensor, dim: int = -1) -> Tensor:
+    """HRR unbinding by circular correlation with the key (Plate 1995). Exact when ``|FFT(key)| = 1``.
+
+    MIMOConv itself never unbinds this way (its unbinding is a learned layer, spec §1.2);
+    this is for analysis, e.g. how much of a slot survives bundling with random keys.
+    """
+    return circular_correlation(s, key, dim)
+
+
+def conv1d_weight_to_key(weight: Tensor) -> Tensor:
+    """Official grouped-Conv1d weight (..., C) -> convolution key: ``k[t] = w[(C/2 - 1 - t) mod C]``.
+
+    Reversal followed by a roll of C/2. The map is an involution, so it also converts keys back
+    (:func:`key_to_conv1d_weight`). C must be even (the official padding is C/2).
+    """
+    c = weight.shape[-1]
+    if c % 2:
+        raise ValueError(f"HRR key length C={c} must be even (the official Conv1d pads C/2 on each side).")
+    return torch.roll(weight.flip(-1), c // 2, dims=-1)
+
+
+key_to_conv1d_weight = conv1d_weight_to_key
+
+
+def grouped_conv1d_bind(x: Tensor, weight: Tensor) -> Tensor:
+    """The official binding formulation, for tests and benchmarks: per-slot bound maps, not summed.
+
+    Args:
+        x: (G, N, C, H, W) slots.
+        weight: (N, 1, C) grouped Conv1d weight (in = out = N, groups = N, kernel C).
+
+    Returns:
+        (G, N, C, H, W): slot j bound with ``conv1d_weight_to_key(weight[j, 0])``.
+    """
+    g, n, c, h, w = x.shape
+    rows = x.permute(0, 3, 4, 1, 2).reshape(g * h * w, n, c)
+    rows = F.pad(rows, (c // 2, c // 2), mode="circular")
+    out = F.conv1d(rows, weight, groups=n)[..., 1:]
+    return out.reshape(g, h, w, n, c).permute(0, 3, 4, 1, 2)
+
+
+# -- the custom op: bind each slot with its key and bundle (sum over slots) -------------------------
+
+
+def _check_bind_args(x: Tensor, keys: Tensor) -> None:
+    if x.dim() != 5 or keys.dim() != 2 or x.shape[1] != keys.shape[0] or x.shape[2] != keys.shape[1]:
+        raise ValueError(
+            f"hrr_bind_bundle expects x (G, n, C, H, W) and keys (n, C); got x {tuple(x.shape)} and keys "
+            f"{tuple(keys.shape)}. Reshape the batch to groups of n slots first."
+        )
+
+
+@torch.library.custom_op("manynets::hrr_bind_bundle", mutates_args=())
+def hrr_bind_bundle(x: Tensor, keys: Tensor) -> Tensor:
+    """Bind slot j of ``x`` (G, n, C, H, W) with ``keys[j]`` (n, C) along C and sum the slots -> (G, C, H, W).
+
+    ``out[g, :, h, w] = sum_j x[g, j, :, h, w] (*) keys[j]`` (circular convolution, spec §1.1 step 4).
+    One rFFT of x, one complex multiply-add over slots, one inverse rFFT.
+    """
+    _check_bind_args(x, keys)
+    c = x.shape[2]
+    dt = _fft_dtype(x)
+    xf = torch.fft.rfft(x.to(dt), dim=2)  # (G, n, F, H, W)
+    kf = torch.fft.rfft(keys.to(dt), dim=1)  # (n, F)
+    sf = torch.einsum("gnfhw,nf->gfhw", xf, kf)
+    return torch.fft.irfft(sf, n=c, dim=1).to(x.dtype).contiguous()
+
+
+@hrr_bind_bundle.register_fake
+def _(x: Tensor, keys: Tensor) -> Tensor:
+    _check_bind_args(x, keys)
+    g, _, c, h, w = x.shape
+    return x.new_empty((g, c, h, w))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, keys = inputs
+    ctx.save_for_backward(x, keys)
+
+
+def _backward(ctx, grad: Tensor):
+    """d/dx_j = grad (.) k_j (correlation); d/dk_j = sum over g, h, w of grad (.) x_j."""
+    x, keys = ctx.saved_tensors
+    c = x.shape[2]
+    dt = _fft_dtype(x)
+    gf = torch.fft.rfft(grad.to(dt), dim=1)  # (G, F, H, W)
+    grad_x = grad_keys = None
+    if ctx.needs_input_grad[0]:
+        kf = torch.fft.rfft(keys.to(dt), dim=1)
+        grad_x = torch.fft.irfft(gf.unsqueeze(1) * kf.conj()[None, :, :, None, None], n=c, dim=2)
+        grad_x = grad_x.to(x.dtype).contiguous()
+    if ctx.needs_input_grad[1]:
+        xf = torch.fft.rfft(x.to(dt), dim=2)
+        grad_keys = torch.fft.irfft(torch.einsum("gnfhw,gfhw->nf", xf.conj(), gf), n=c, dim=1).to(keys.dtype)
+    return grad_x, grad_keys
+
+
+hrr_bind_bundle.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,162 @@
+"""Binding, bundling and learned unbinding of MIMOConv (Menet et al., NeurIPS 2023; spec §1.1-1.3).
+
+A superposition of capacity N has N slots, each with its own key. A call with n | N images
+repeats them r = N/n times: slot j holds image ``j mod n`` (spec §1.1 step 3). Since binding is
+linear, binding and summing the repeated slots equals binding each image once with the sum of
+its keys, ``sum_j x_(j mod n) (*) k_j = sum_i x_i (*) (sum_(j = i mod n) k_j)``
+(spec §1.5): :func:`repeated_slot_sum` folds the keys, and only n images are bound.
+
+- :class:`HRRBinding`: circular convolution along channels with a key per slot (spec §1.2),
+  computed by FFT (:func:`manynets.cuda_ops.binding.hrr_bind_bundle`).
+- :class:`MBATBinding`: a learned C x C matrix per slot (the official grouped 1x1 conv).
+- :class:`SumBinding`: binding ``none``, a plain sum of the slots.
+- :class:`LearnedUnbinding`: after global pooling, Linear(D, N·D) + ReLU, then the r copies of
+  each image are averaged (spec §1.1 step 7). MIMOConv never unbinds by correlation.
+- :func:`bind_regularization`: R_bind, pushes the HRR keys to be orthonormal (spec §1.3).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from manynets.cuda_ops.binding import hrr_bind_bundle
+
+__all__ = [
+    "HRRBinding",
+    "LearnedUnbinding",
+    "MBATBinding",
+    "SumBinding",
+    "bind_regularization",
+    "bundle",
+    "repeated_slot_sum",
+]
+
+
+def check_slots(n: int, capacity: int) -> int:
+    """r = capacity / n; raises unless n divides the capacity."""
+    if not isinstance(n, int) or n < 1 or capacity % n:
+        raise ValueError(
+            f"{n} images per superposition does not divide the capacity N={capacity}; "
+            f"use one of {[d for d in range(1, capacity + 1) if capacity % d == 0]}."
+        )
+    return capacity // n
+
+
+def repeated_slot_sum(per_slot: Tensor, n: int) -> Tensor:
+    """(N, ...) per-slot parameters -> (n, ...): entry i sums the slots j with j mod n = i."""
+    capacity = per_slot.shape[0]
+    r = check_slots(n, capacity)
+    return per_slot.reshape(r, n, *per_slot.shape[1:]).sum(0)
+
+
+def bundle(bound: Tensor) -> Tensor:
+    """Bundling: the sum of the bound slots, (G, N, C, H, W) -> (G, C, H, W)."""
+    return bound.sum(1)
+
+
+class _Binding(nn.Module):
+    """Binds n images of each group into one superposed map: (G, n, C, H, W) -> (G, C, H, W)."""
+
+    def __init__(self, num_slots: int, channels: int) -> None:
+        super().__init__()
+        if num_slots < 1 or channels < 1:
+            raise ValueError(f"binding needs num_slots >= 1 and channels >= 1, got {num_slots} and {channels}.")
+        self.num_slots, self.channels = num_slots, channels
+
+    def _check(self, x: Tensor) -> int:
+        if x.dim() != 5 or x.shape[2] != self.channels:
+            raise ValueError(
+                f"{type(self).__name__} expects (groups, n, {self.channels}, H, W), got {tuple(x.shape)}."
+            )
+        return check_slots(x.shape[1], self.num_slots)
+
+    def regularization(self) -> Tensor:
+        """Binding regularizer (R_bind for HRR, 0 otherwise)."""
+        return next(iter(self.parameters()), torch.zeros(())).new_zeros(())
+
+
+class SumBinding(_Binding):
+    """Binding ``none``: the slots are summed unchanged (repeated slots count r times)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        r = self._check(x)
+        out = bundle(x)
+        return out * r if r > 1 else out
+
+
+class HRRBinding(_Binding):
+    """HRR binding: slot j is circularly convolved along channels with key k_j at every pixel.
+
+    Keys (N, C) are in convolution form (``out = x (*) k``); the official Conv1d weight is
+    ``key_to_conv1d_weight(keys)``. Init U(±1/sqrt(C)), PyTorch's Conv1d default that the official
+    keys keep (spec §1.2). ``trainable=False`` freezes them (official ``-v``).
+    """
+
+    def __init__(self, num_slots: int, channels: int, trainable: bool = True) -> None:
+        super().__init__(num_slots, channels)
+        bound = 1.0 / math.sqrt(channels)
+        self.keys = nn.Parameter(torch.empty(num_slots, channels).uniform_(-bound, bound), requires_grad=trainable)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check(x)
+        return hrr_bind_bundle(x, repeated_slot_sum(self.keys, x.shape[1]).to(x.dtype))
+
+    def regularization(self) -> Tensor:
+        return bind_regularization(self.keys)
+
+
+class MBATBinding(_Binding):
+    """MBAT binding: z_j = M_j x_j with a learned C x C matrix per slot (official grouped 1x1 Conv2d).
+
+    ``weight`` (N, C_out, C_in) equals the official Conv2d weight (N·C, C, 1, 1) reshaped. Init as
+    the official Kaiming-normal (fan_out = N·C of the grouped conv, ReLU gain).
+    """
+
+    def __init__(self, num_slots: int, channels: int, trainable: bool = True) -> None:
+        super().__init__(num_slots, channels)
+        std = math.sqrt(2.0 / (num_slots * channels))
+        self.weight = nn.Parameter(torch.randn(num_slots, channels, channels) * std, requires_grad=trainable)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check(x)
+        return torch.einsum("gnchw,ndc->gdhw", x, repeated_slot_sum(self.weight, x.shape[1]).to(x.dtype))
+
+
+class LearnedUnbinding(nn.Module):
+    """MIMOConv's unbinding (spec §1.1 step 7): Linear(D, N·D) + ReLU on pooled features, then mean over r.
+
+    (G, D) -> (G·n, D): the output row ``g·n + i`` belongs to image i of group g, the average of its
+    r = N/n unbound copies (slots i, i + n, ...). The official layer is a 1x1 Conv2d with bias, the
+    same map; init Kaiming-normal (fan_out = N·D, ReLU gain), bias PyTorch's default U(±1/sqrt(D)).
+    """
+
+    def __init__(self, feature_dim: int, num_slots: int) -> None:
+        super().__init__()
+        self.feature_dim, self.num_slots = feature_dim, num_slots
+        self.linear = nn.Linear(feature_dim, num_slots * feature_dim)
+        nn.init.kaiming_normal_(self.linear.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, features: Tensor, n: int) -> Tensor:
+        r = check_slots(n, self.num_slots)
+        g = features.shape[0]
+        out = torch.relu(self.linear(features)).view(g, r, n, self.feature_dim)
+        return out.mean(1).reshape(g * n, self.feature_dim)
+
+
+def bind_regularization(keys: Tensor) -> Tensor:
+    """R_bind = ||triu(K^ K^T, 1)||_F^2 / (N(N-1)/2) + sum_j (||k_j|| - 1)^2 / N  (spec §1.3).
+
+    K^ has the unit-normalised keys as rows. Zero iff the keys are orthonormal; invariant to key
+    permutation and sign. The first term is 0 for N = 1.
+    """
+    n = keys.shape[0]
+    norms = keys.norm(dim=1)
+    penalty = ((norms - 1) ** 2).sum() / n
+    if n > 1:
+        unit = keys / norms.clamp_min(1e-12)[:, None]
+        gram = torch.triu(unit @ unit.T, diagonal=1)
+        penalty = penalty + (gram**2).sum() / (n * (n - 1) / 2)
+    return penalty
