@@ -1,0 +1,76 @@
+"""Figures of a subspace sweep (rows of :func:`manynets.callbacks.subspace_sweep.run_sweep`), saved as PNG.
+
+Lines and curves: ``subspace_sweep.png`` (accuracy, NLL, ECE of the point α against α, with the
+pair ensemble (α, 1 − α) against α for α ≤ 0.5) and ``subspace_diversity.png`` (TV distance
+and feature cos² of the pair). Simplexes: ``subspace_simplex.png`` (vertices, centroid and
+random points; ensemble accuracy against the number of random members, vertex ensemble).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_sweep(rows: list[dict], kind: str, dirpath: Path) -> dict[str, "plt.Figure"]:
+    """Draw and save the figures; returns name -> Figure (left open for the logger)."""
+    dirpath = Path(dirpath)
+    dirpath.mkdir(parents=True, exist_ok=True)
+    figures = _line_figures(rows, kind) if kind in ("line", "curve") else _simplex_figures(rows)
+    for name, fig in figures.items():
+        fig.savefig(dirpath / f"{name}.png", dpi=120, bbox_inches="tight")
+    return figures
+
+
+def _line_figures(rows: list[dict], kind: str) -> dict:
+    alphas = [r["alpha"] for r in rows]
+    half = [r for r in rows if r["alpha"] <= 0.5 + 1e-9]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, metric, label in zip(axes, ("acc", "nll", "ece"), ("accuracy", "NLL", "ECE")):
+        ax.plot(alphas, [r[metric] for r in rows], "o-", ms=3, label="point α")
+        ax.plot([r["alpha"] for r in half], [r[f"pair_{metric}"] for r in half], "s--", ms=3,
+                label="ensemble of α and 1−α")  # fmt: skip
+        ax.set_xlabel("α")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"{kind}: test metrics along the subspace (BN recomputed per point)")
+    div, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    ax1.plot([r["alpha"] for r in half], [r["pair_tv"] for r in half], "o-", ms=3)
+    ax1.set_ylabel("TV distance of softmax outputs")
+    ax2.plot([r["alpha"] for r in half], [r["pair_feature_cos2"] for r in half], "o-", ms=3)
+    ax2.set_ylabel("cos² of features")
+    for ax in (ax1, ax2):
+        ax.set_xlabel("α (pair α, 1−α)")
+        ax.grid(alpha=0.3)
+    div.suptitle(f"{kind}: diversity of the pair (α, 1−α)")
+    return {"subspace_sweep": fig, "subspace_diversity": div}
+
+
+def _simplex_figures(rows: list[dict]) -> dict:
+    points = [r for r in rows if "members" not in r]
+    ensembles = [r for r in rows if r["point"].startswith("ensemble_random")]
+    vertices = next(r for r in rows if r["point"] == "ensemble_vertices")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.6))
+    colors = ["C0" if p["point"].startswith("vertex") else "C1" if p["point"] == "centroid" else "C2" for p in points]
+    ax1.bar(range(len(points)), [p["acc"] for p in points], color=colors)
+    ax1.set_xticks(range(len(points)), [p["point"] for p in points], rotation=60, fontsize=7)
+    low = min(p["acc"] for p in points)
+    ax1.set_ylim(max(0.0, low - 0.05), min(1.0, max(p["acc"] for p in points) + 0.02))
+    ax1.set_ylabel("accuracy")
+    ax1.set_title("single points (BN recomputed per point)")
+    ax2.plot([1] + [e["members"] for e in ensembles],
+             [next(p["acc"] for p in points if p["point"] == "random0")] + [e["acc"] for e in ensembles],
+             "o-", label="ensemble of random points")  # fmt: skip
+    ax2.axhline(vertices["acc"], color="C0", ls="--", label=f"ensemble of the {vertices['members']} vertices")
+    ax2.axhline(next(p["acc"] for p in points if p["point"] == "centroid"), color="C1", ls=":", label="centroid")
+    ax2.set_xlabel("members")
+    ax2.set_ylabel("accuracy")
+    ax2.legend(fontsize=8)
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    return {"subspace_simplex": fig}

@@ -1,0 +1,103 @@
+"""Independently trained networks ensembled at test time: the baseline of the subspaces paper
+(spec §3.4: 3 CIFAR / 2 Tiny ImageNet networks ensembled by logits; deep ensembles,
+Lakshminarayanan et al. 2017).
+
+Train k members with the plain config and different seeds, then test the ensemble::
+
+    for s in 0 1 2; do manynets fit --config configs/subspaces/cifar10_cresnet20_standard.yaml \\
+        --seed_everything $s --trainer.default_root_dir runs/cifar10_cresnet20_standard/seed$s \\
+        --checkpoint.dirpath runs/cifar10_cresnet20_standard/seed$s/checkpoints; done
+    manynets test --config configs/subspaces/cifar10_cresnet20_ensemble.yaml
+
+The ensemble prediction is the mean of the member logits (official: their sum, the same argmax);
+NLL/ECE/Brier are computed on its softmax, and ``test/member{k}/acc`` and ``test/ens_disagreement``
+are logged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+
+from manynets.lightning_modules.classifier import BackboneFactory, ClassifierModule
+
+
+def load_network_weights(network: nn.Module, path: str | Path, prefix: str = "network.") -> None:
+    """Load the ``network.*`` weights of a Lightning checkpoint (``weights_only``) into ``network``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Ensemble member checkpoint '{path}' does not exist; train the members first "
+            "(see the config header) or fix model.init_args.checkpoints."
+        )
+    state = torch.load(path, map_location="cpu", weights_only=True).get("state_dict", {})
+    weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    try:
+        network.load_state_dict(weights)
+    except RuntimeError as err:
+        raise ValueError(
+            f"Checkpoint '{path}' does not fit the backbone {type(network).__name__} of this config "
+            f"({str(err).splitlines()[0]}...). Use the backbone options the member was trained with."
+        ) from err
+
+
+class CheckpointEnsembleModule(ClassifierModule):
+    """Test-time ensemble of trained classifier checkpoints; ``predict_logits`` returns (k, B, C).
+
+    Args:
+        checkpoints: paths of k >= 1 checkpoints written by ``manynets fit`` with a
+            :class:`ClassifierModule` and this ``backbone``.
+        Other arguments: see :class:`ClassifierModule` (only ``backbone`` matters; nothing is trained).
+    """
+
+    def __init__(
+        self,
+        backbone: BackboneFactory,
+        num_classes: int = 10,
+        image_shape: tuple[int, int, int] = (3, 32, 32),
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        scheduler_interval: Literal["step", "epoch"] | None = None,
+        warmup_steps: int = 0,
+        warmup_epochs: int = 0,
+        no_weight_decay: list[str] | None = None,
+        label_smoothing: float = 0.0,
+        checkpoints: list[str] | None = None,
+    ) -> None:
+        super().__init__(
+            backbone, num_classes, image_shape, optimizer, lr_scheduler, scheduler_interval,
+            warmup_steps, warmup_epochs, no_weight_decay, label_smoothing,
+        )  # fmt: skip
+        if not checkpoints:
+            raise ValueError("model.checkpoints is empty; list the .ckpt files of the ensemble members.")
+        del self.network
+        self.checkpoints = list(checkpoints)
+        self.members = nn.ModuleList([backbone(num_classes, self.image_shape) for _ in self.checkpoints])
+        self._loaded = False
+
+    def setup(self, stage: str) -> None:
+        """Load the members' weights (at setup, so that configs instantiate before the members exist)."""
+        if not self._loaded:
+            self.load_members()
+
+    def load_members(self) -> None:
+        for member, path in zip(self.members, self.checkpoints):
+            load_network_weights(member, path)
+        self._loaded = True
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.predict_logits(images).mean(0)
+
+    def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Member logits (k, B, C); the ensemble is their mean."""
+        return torch.stack([member(images) for member in self.members])
+
+    def training_loss(self, images, labels):
+        raise RuntimeError(
+            "CheckpointEnsembleModule only evaluates trained members: run `manynets test` (or validate); "
+            "train each member with the plain config and a different --seed_everything."
+        )
