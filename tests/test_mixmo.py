@@ -107,6 +107,17 @@ def test_single_network_is_plain_backbone_without_msda():
     assert model.predict_logits(images).shape == (4, 5)
 
 
+def test_test_halves_cross_fit_lowers_nll_of_overconfident_logits():
+    model = make(temperature_scaling="test_halves")
+    true_logits = torch.randn(600, 5) * 1.5
+    labels = torch.distributions.Categorical(logits=true_logits).sample()
+    model._collected = [[(4 * true_logits[:300], labels[:300]), (4 * true_logits[300:], labels[300:])]]
+    values = model._cross_fit(0)
+    assert values["ts/nll"] < F.cross_entropy(4 * true_logits, labels) - 0.1
+    assert 3.0 < values["temperature"].item() < 5.0
+    assert values["ts/acc"].item() == pytest.approx(((4 * true_logits).argmax(1) == labels).float().mean().item())
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [({"num_members": 0}, "num_members"), ({"cutmix_prob": 1.5}, "cutmix_prob"),

@@ -34,7 +34,7 @@ def sample_ratios(batch: int, members: int, alpha: float, device: torch.device |
     if alpha <= 0 or members == 1:
         return torch.full((batch, members), 1.0 / members, device=device)
     concentration = torch.full((members,), float(alpha), device=device)
-    return torch.distributions.Dirichlet(concentration).sample((batch,))
+    return torch.distributions.Dirichlet(concentration, validate_args=False).sample((batch,))  # no device sync
 
 
 def cutmix_box_masks(lam: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -188,9 +188,8 @@ def msda(
     device = images.device
     partner = torch.randint(0, images.shape[0], (m, b), device=device)
     apply = torch.rand(m, b, device=device) < prob
-    lam = torch.distributions.Beta(
-        torch.tensor(float(beta), device=device), torch.tensor(float(beta), device=device)
-    ).sample((m, b))
+    concentration = torch.tensor(float(beta), device=device)
+    lam = torch.distributions.Beta(concentration, concentration, validate_args=False).sample((m, b))
     lam = torch.where(apply, lam, torch.ones_like(lam))
     if method == "cutmix":
         # the partner is pasted into a box of area 1 - lam; s marks the member's own pixels

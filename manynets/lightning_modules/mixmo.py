@@ -200,12 +200,13 @@ class MixMoModule(ClassifierModule):
 
     # -- training ------------------------------------------------------------------
     def progress(self) -> float:
-        """Training progress t = epoch / max_epochs that drives the CutMix decay."""
+        """Training progress t = epoch / max_epochs with epochs counted from 1 as in the official code,
+        so the CutMix probability reaches 0 in the last epoch (spec §2.2); 0 without a trainer."""
         trainer = self._trainer
         max_epochs = getattr(trainer, "max_epochs", None) if trainer is not None else None
         if not max_epochs or max_epochs < 0:
             return 0.0
-        return self.current_epoch / max_epochs
+        return (self.current_epoch + 1) / max_epochs
 
     def mixmo_inputs(
         self, images: torch.Tensor, labels: torch.Tensor
