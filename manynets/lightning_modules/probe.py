@@ -22,7 +22,6 @@ the fitted probe on the training latents; ``sklearn_reference`` reports that num
 from __future__ import annotations
 
 import csv
-from functools import partial
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -58,6 +57,11 @@ def load_backbone(checkpoint: str, num_classes: int = 0, image_shape: tuple = ()
     state = {k[len("network.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("network.")}
     network.load_state_dict(state, strict=True)
     return network
+
+
+def _deferred_backbone(num_classes: int, image_shape: tuple) -> nn.Module:
+    """Placeholder until :meth:`ProbeModule.configure_model` loads the checkpoint's backbone."""
+    return nn.Module()
 
 
 class ProbeModule(ClassifierModule):
@@ -110,25 +114,47 @@ class ProbeModule(ClassifierModule):
             raise ValueError("ProbeModule: sklearn_reference supports pooled features only; set pixelwise=false")
         if C <= 0:
             raise ValueError(f"ProbeModule C={C}; expected > 0 (inverse L2 strength, scikit-learn's C)")
-        factory = partial(load_backbone, checkpoint) if checkpoint else backbone
-        super().__init__(factory, num_classes, image_shape, optimizer, lr_scheduler, scheduler_interval,
-                         warmup_steps, warmup_epochs, no_weight_decay)  # fmt: skip
+        super().__init__(backbone or _deferred_backbone, num_classes, image_shape, optimizer, lr_scheduler,
+                         scheduler_interval, warmup_steps, warmup_epochs, no_weight_decay)  # fmt: skip
+        self.checkpoint = checkpoint
+        self.probes = nn.ModuleDict()
+        self.probe_acc = nn.ModuleDict()
+        self.results: dict[str, dict[str, float]] = {}
+        self._captured: dict[str, torch.Tensor] = {}
+        self._num_train = 0
+        if not checkpoint:
+            self.configure_model()
+
+    def configure_model(self) -> None:
+        """Load the checkpoint's backbone (once), freeze it, hook the chosen layers and build the probes.
+
+        Deferred to this Lightning hook (run before optimizers are made and before ``--ckpt_path`` is
+        restored) so that a config naming a checkpoint can be parsed before that checkpoint exists.
+        """
+        if len(self.probes):
+            return
+        hp = self.hparams
+        if self.checkpoint:
+            self.network = load_backbone(self.checkpoint)
         self.network.requires_grad_(False)
         self.network.eval()
-        self.modules_probed = select_layers(self.network, layers, types)
-        self._captured: dict[str, torch.Tensor] = {}
+        self.modules_probed = select_layers(self.network, hp.layers, hp.types)
         for name, module in self.modules_probed.items():
             module.register_forward_hook(self._capture(name))
         with torch.no_grad():
-            self.network(torch.zeros(2, *self.image_shape))
-        self.probes = nn.ModuleDict()
-        self.probe_acc = nn.ModuleDict()
+            try:
+                self.network(torch.zeros(2, *self.image_shape, device=self.device))
+            except RuntimeError as err:
+                raise ValueError(
+                    f"the probed backbone does not accept images of shape {self.image_shape} from the data "
+                    f"module ({err}); use the data (size, channels) it was trained on."
+                ) from err
         for name, out in self._captured.items():
-            feats = probe_features(out, pool_size, pixelwise)
-            self.probes[name] = LinearProbe(feats.shape[1], feats.shape[2], num_classes, standardize)
+            feats = probe_features(out, hp.pool_size, hp.pixelwise)
+            self.probes[name] = LinearProbe(feats.shape[1], feats.shape[2], self.num_classes, hp.standardize)
             self.probe_acc[name] = nn.ModuleDict({f"{s}_acc": ProbeAccuracy(feats.shape[1]) for s in ("train", "val", "test")})
-        self.results: dict[str, dict[str, float]] = {}
-        self._num_train = 0
+        self.probes.to(self.device)
+        self.probe_acc.to(self.device)
 
     def _capture(self, name: str):
         def hook(module, inputs, output):
@@ -151,10 +177,14 @@ class ProbeModule(ClassifierModule):
         hp = self.hparams
         return {n: self.probes[n](probe_features(self._captured[n], hp.pool_size, hp.pixelwise)) for n in self.probes}
 
-    def on_fit_start(self) -> None:
-        dataset = getattr(self.trainer.train_dataloader, "dataset", None)
-        size = len(dataset) if dataset is not None else 0
-        self._num_train = size or self.trainer.num_training_batches * getattr(self.trainer.datamodule, "batch_size", 1)
+    def on_train_start(self) -> None:
+        """N of the L2 term ``||W||^2 / (2 C N)``: the size of the training set (all ranks together)."""
+        loader = self.trainer.train_dataloader
+        dataset = getattr(loader, "dataset", None)
+        try:
+            self._num_train = len(dataset)
+        except TypeError:  # an iterable dataset: batches x batch size x ranks
+            self._num_train = int(self.trainer.num_training_batches * loader.batch_size * self.trainer.world_size)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels = batch

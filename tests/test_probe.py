@@ -1,0 +1,144 @@
+"""ProbeModule against scikit-learn, shipped probe configs, the grid expansion and one CLI run."""
+
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from manynets.grid import commands, expand, run_name
+from manynets.layers.probes import LinearProbe, probe_features
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Tiny(nn.Module):
+    def __init__(self, num_classes=10, image_shape=(1, 8, 8)):
+        super().__init__()
+        self.stem = nn.Conv2d(image_shape[0], 8, 3, padding=1)
+        self.body = nn.Sequential(nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU())
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(8, num_classes)
+        self.feature_dim = self.stem_channels = 8
+
+    def forward(self, x):
+        return self.head(self.pool(self.body(self.stem(x))))
+
+
+def test_features_and_probe_shapes():
+    x = torch.randn(3, 5, 6, 6)
+    assert probe_features(x, 4).shape == (3, 1, 80)
+    pix = probe_features(x, pixelwise=True)
+    assert pix.shape == (3, 36, 5) and torch.equal(pix[1, 7], x[1, :, 1, 1])
+    probe = LinearProbe(36, 5, 4)
+    logits = probe(pix)
+    assert logits.shape == (3, 36, 4)
+    labels = torch.tensor([0, 1, 2])
+    # loss = sum over positions of the mean CE + l2/2 ||W||^2, checked by a direct loop
+    with torch.no_grad():
+        probe.weight.normal_()
+    logits = probe(pix)
+    direct = sum(nn.functional.cross_entropy(logits[:, p], labels) for p in range(36)) + 0.05 * probe.weight.square().sum()
+    torch.testing.assert_close(probe.loss(logits, labels, 0.1), direct)
+
+
+def test_probes_agree_with_sklearn_on_digits(tmp_path):
+    import lightning.pytorch as pl
+
+    from manynets.datamodules.digits import DigitsDataModule
+    from manynets.lightning_modules.probe import ProbeModule
+
+    dm = DigitsDataModule(size=8, channels=1, augment=False, batch_size=256, eval_batch_size=512)
+    module = ProbeModule(
+        backbone=Tiny, num_classes=10, image_shape=(1, 8, 8), layers="stem|body", C=0.05, sklearn_reference=True,
+        optimizer=partial(torch.optim.Adam, lr=0.05), lr_scheduler=torch.optim.lr_scheduler.CosineAnnealingLR,
+        dirpath=str(tmp_path),
+    )  # fmt: skip
+    frozen = {k: v.clone() for k, v in module.network.state_dict().items()}
+    trainer = pl.Trainer(max_epochs=25, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(module, dm)
+    trainer.test(module, dm, verbose=False)
+    assert all(torch.equal(v, module.network.state_dict()[k]) for k, v in frozen.items())  # backbone frozen
+    assert set(module.results) == {"stem", "body-1"}
+    for name, row in module.results.items():
+        assert row["test_acc"] > 0.9
+        assert abs(row["test_acc"] - row["ref_test_acc"]) <= 0.01, (name, row)
+    lines = (tmp_path / "probes.csv").read_text().splitlines()
+    assert lines[0].startswith("layer,") and "ref_test_acc" in lines[0] and len(lines) == 3
+    assert (tmp_path / "probes.png").is_file()
+
+
+def test_probe_errors(tmp_path):
+    from manynets.lightning_modules.probe import ProbeModule, load_backbone
+
+    with pytest.raises(ValueError, match="exactly one of checkpoint"):
+        ProbeModule()
+    with pytest.raises(FileNotFoundError, match="nope.ckpt"):
+        load_backbone(str(tmp_path / "nope.ckpt"))
+    with pytest.raises(ValueError, match="does not accept images of shape"):
+        ProbeModule(backbone=Tiny, image_shape=(3, 8, 8))
+
+
+def test_grid_expansion(tmp_path):
+    grid = {"model.init_args.backbone.init_args.depth": [11, 13], "data.init_args.batch_size": 512,
+            "model.init_args.backbone.init_args.blocks": [[1, 1, 1, 5], [5, 1, 1, 1]]}  # fmt: skip
+    combos = expand(grid)
+    assert len(combos) == 4 and combos[1]["model.init_args.backbone.init_args.blocks"] == [5, 1, 1, 1]
+    assert run_name(combos[1], grid) == "depth=11-blocks=_5,1,1,1_"
+    (tmp_path / "r" / "depth=13" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "r" / "depth=13" / "checkpoints" / "last.ckpt").write_text("x")
+    runs = commands({"configs": ["a.yaml"], "root": str(tmp_path / "r"), "grid": {"x.depth": [11, 13]}, "args": ["--seed_everything=1"]})
+    assert runs[0][1][:3] == ["fit", "--config", "a.yaml"] and "--x.depth=11" in runs[0][1]
+    assert "--seed_everything=1" in runs[0][1] and not any(a.startswith("--ckpt_path") for a in runs[0][1])
+    assert runs[1][1][-1].startswith("--ckpt_path=") and runs[1][1][-1].endswith("last.ckpt")  # resumed
+    with pytest.raises(ValueError, match="empty list"):
+        expand({"a": []})
+
+
+def test_shipped_grids_point_to_shipped_configs():
+    import yaml
+
+    grids = sorted((REPO / "configs" / "probe").glob("grid_*.yaml"))
+    assert grids
+    for path in grids:
+        spec = yaml.safe_load(path.read_text())
+        runs = commands(spec)
+        assert len(runs) >= 2
+        for config in spec["configs"]:
+            assert (REPO / config).is_file(), config
+
+
+@pytest.mark.slow
+def test_cli_fit_saturation_then_probes(tmp_path):
+    """End to end: train with Saturation + ReceptiveField, then probes from that checkpoint, then test."""
+    common = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2",
+              "--trainer.enable_progress_bar=false", "--data.init_args.batch_size=32"]  # fmt: skip
+    run = tmp_path / "train"
+    fit = [sys.executable, "-m", "manynets", "fit", "--config", str(REPO / "configs/quickstart/probe_digits.yaml"),
+           *common, f"--trainer.default_root_dir={run}", f"--checkpoint.dirpath={run}/ckpt",
+           f"--trainer.callbacks.init_args.dirpath={run}"]  # fmt: skip
+    out = subprocess.run(fit, capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    sat = (run / "saturation.csv").read_text().splitlines()
+    assert len(sat) == 2 and "saturation/eval/stem-0" in sat[0]
+    assert (run / "receptive_field.csv").read_text().startswith("layer;map_size")
+    probes = tmp_path / "probes"
+    probe = [sys.executable, "-m", "manynets", "fit", "--config", str(REPO / "configs/quickstart/probe_digits_probes.yaml"),
+             *common, f"--trainer.default_root_dir={probes}", f"--checkpoint.dirpath={probes}/ckpt",
+             f"--model.init_args.checkpoint={run}/ckpt/last.ckpt", f"--model.init_args.dirpath={probes}",
+             "--model.init_args.sklearn_reference=false", "--model.init_args.layers=head"]  # fmt: skip
+    out = subprocess.run(probe, capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    test = [sys.executable, "-m", "manynets", "test", "--config", str(REPO / "configs/quickstart/probe_digits_probes.yaml"),
+            "--trainer.enable_progress_bar=false", "--trainer.limit_test_batches=1", f"--trainer.default_root_dir={probes}",
+            f"--model.init_args.checkpoint={run}/ckpt/last.ckpt", f"--model.init_args.dirpath={probes}",
+            "--model.init_args.layers=head", f"--ckpt_path={probes}/ckpt/last.ckpt"]  # fmt: skip
+    out = subprocess.run(test, capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    csv_text = (probes / "probes.csv").read_text().splitlines()
+    assert csv_text[0] == "layer,test_acc" and csv_text[1].startswith("head-2,") and csv_text[2].startswith("head-6,")
