@@ -6,3 +6,5 @@ from manynets.lightning_modules.probe import ProbeModule
 from manynets.lightning_modules.superposition import SuperpositionModule
 
 __all__ = ["ClassifierModule", "MixMoModule", "ProbeModule", "SuperpositionModule"]
+from manynets.lightning_modules.subspaces import SubspaceModule  # noqa: F401
+from manynets.lightning_modules.ensemble import CheckpointEnsembleModule  # noqa: F401

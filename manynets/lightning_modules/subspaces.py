@@ -147,7 +147,8 @@ class SubspaceModule(ClassifierModule):
         if self.hparams.beta > 0:
             i, j = torch.randperm(self.num_sets)[:2].tolist()
             cos2 = cosine_similarity_squared(self.network, i, j)
-            self.log("train/cos2", cos2.detach())
+            if self._trainer is not None:
+                self.log("train/cos2", cos2.detach())
             loss = loss + self.hparams.beta * cos2
         return loss, torch.cat(all_logits) if n > 1 else all_logits[0]
 
