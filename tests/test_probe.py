@@ -81,7 +81,7 @@ def test_probe_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.ckpt"):
         load_backbone(str(tmp_path / "nope.ckpt"))
     with pytest.raises(ValueError, match="does not accept images of shape"):
-        ProbeModule(backbone=Tiny, image_shape=(3, 8, 8))
+        ProbeModule(backbone=lambda n, s: Tiny(n, (1, 8, 8)), image_shape=(3, 8, 8))
 
 
 def test_grid_expansion(tmp_path):
@@ -142,3 +142,21 @@ def test_cli_fit_saturation_then_probes(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     csv_text = (probes / "probes.csv").read_text().splitlines()
     assert csv_text[0] == "layer,test_acc" and csv_text[1].startswith("head-2,") and csv_text[2].startswith("head-6,")
+
+
+def test_cifar_resolution_option():
+    from manynets.datamodules.cifar import CIFAR10DataModule
+
+    x = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    dm = CIFAR10DataModule(resolution=64)
+    assert dm.image_shape == (3, 64, 64)
+    assert dm.train_transform()(x).shape == dm.eval_transform()(x).shape == (3, 64, 64)
+    native = CIFAR10DataModule()
+    assert native.image_shape == (3, 32, 32) and native.eval_transform()(x).shape == (3, 32, 32)
+    # resizing commutes with the per-channel normalisation: upscaled eval image = resized normalised image
+    from torchvision.transforms import v2
+
+    expected = v2.Resize((64, 64), antialias=True)(native.eval_transform()(x))
+    torch.testing.assert_close(dm.eval_transform()(x), expected, atol=0.05, rtol=0)
+    with pytest.raises(ValueError, match="resolution"):
+        CIFAR10DataModule(resolution=0)

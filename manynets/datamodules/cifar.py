@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.datasets import CIFAR10, CIFAR100
 from torchvision.datasets.utils import check_integrity, download_and_extract_archive
+from torchvision.transforms import v2
 
 from manynets.datamodules.base import DataError, ImageDataModule
 
@@ -42,6 +43,9 @@ class CIFAR10DataModule(ImageDataModule):
             the subspaces paper use other values; their configs set them here).
         label_noise: fraction of training samples relabelled uniformly at random (see module doc).
         label_noise_seed: seed of the relabelling (independent of ``seed``, the train/val split).
+        resolution: resize every image to this side (bilinear, antialiased) after the augmentation,
+            as PHD-LAB's ``resolution`` (RandomCrop(32, pad 4) -> flip -> Resize(res) -> Normalize);
+            ``image_shape`` becomes (3, res, res). ``None``: native 32 px.
         Other arguments: see :class:`~manynets.datamodules.base.ImageDataModule`.
 
     After setup, ``noisy_indices`` holds the (sorted) indices of the relabelled training samples.
@@ -69,6 +73,7 @@ class CIFAR10DataModule(ImageDataModule):
         std: tuple[float, float, float] | None = None,
         label_noise: float = 0.0,
         label_noise_seed: int = 0,
+        resolution: int | None = None,
     ) -> None:
         super().__init__(
             data_dir=data_dir,
@@ -88,9 +93,31 @@ class CIFAR10DataModule(ImageDataModule):
         self.std = tuple(std) if std is not None else type(self).std
         self.label_noise = label_noise
         self.label_noise_seed = label_noise_seed
+        if resolution is not None and resolution < 1:
+            raise ValueError(f"data.resolution must be a positive image side in pixels, got {resolution}.")
+        self.resolution = resolution
+        if resolution is not None:
+            self.image_shape = (3, resolution, resolution)
         self.noisy_indices: torch.Tensor | None = None
         self._train: CIFAR10 | None = None
         self._test: CIFAR10 | None = None
+
+    def train_transform(self):
+        if self.resolution is None:
+            return super().train_transform()
+        ops: list = [v2.ToImage()]
+        if self.augment:
+            ops += [v2.RandomCrop(type(self).image_shape[1:], padding=self.crop_padding), v2.RandomHorizontalFlip()]
+        return v2.Compose(ops + self._resize_and_normalise())
+
+    def eval_transform(self):
+        if self.resolution is None:
+            return super().eval_transform()
+        return v2.Compose([v2.ToImage(), *self._resize_and_normalise()])
+
+    def _resize_and_normalise(self) -> list:
+        return [v2.Resize((self.resolution, self.resolution), antialias=True),
+                v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]  # fmt: skip
 
     @property
     def folder(self) -> Path:
