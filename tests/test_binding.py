@@ -31,11 +31,12 @@ def circular_convolution_loop(a: np.ndarray, k: np.ndarray) -> np.ndarray:
     return np.array([sum(a[t] * k[(m - t) % c] for t in range(c)) for m in range(c)])
 
 
-def test_fft_binding_equals_direct_circular_convolution():
+@pytest.mark.parametrize("method", ["fft", "matmul", "auto"])
+def test_binding_equals_direct_circular_convolution(method):
     rng = np.random.default_rng(0)
     g, n, c, h, w = 2, 3, 8, 2, 3
     x, keys = rng.normal(size=(g, n, c, h, w)), rng.normal(size=(n, c))
-    out = hrr_bind_bundle(torch.from_numpy(x), torch.from_numpy(keys)).numpy()
+    out = hrr_bind_bundle(torch.from_numpy(x), torch.from_numpy(keys), method).numpy()
     ref = np.zeros((g, c, h, w))
     for gi in range(g):
         for j in range(n):
@@ -59,8 +60,9 @@ def test_official_grouped_conv1d_equals_fft_with_reversed_rolled_key(c):
         for m in range(c):
             direct[:, j, m] = sum(x[:, j, t] * weight[j, 0, (t - m - 1 + c // 2) % c] for t in range(c))
     assert np.abs(conv - direct).max() < 1e-10
-    fft = hrr_bind_bundle(torch.from_numpy(x), conv1d_weight_to_key(torch.from_numpy(weight[:, 0]))).numpy()
-    assert np.abs(fft - conv.sum(1)).max() < 1e-10
+    for method in ("fft", "matmul"):
+        ours = hrr_bind_bundle(torch.from_numpy(x), conv1d_weight_to_key(torch.from_numpy(weight[:, 0])), method).numpy()
+        assert np.abs(ours - conv.sum(1)).max() < 1e-10
     k = torch.from_numpy(weight[:, 0])
     assert torch.equal(key_to_conv1d_weight(conv1d_weight_to_key(k)), k)  # an involution
 
@@ -94,12 +96,17 @@ def test_random_key_unbinding_similarity(n, expected):
     assert np.mean(cos) == pytest.approx(expected, abs=0.04)
 
 
-def test_custom_op_gradients_and_registration():
+@pytest.mark.parametrize("method", ["fft", "matmul"])
+def test_custom_op_gradients_and_registration(method):
     x = torch.randn(2, 3, 6, 2, 2, dtype=torch.float64, requires_grad=True)
     keys = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(hrr_bind_bundle, (x, keys))
+    assert torch.autograd.gradcheck(lambda a, b: hrr_bind_bundle(a, b, method), (x, keys))
     # fake (meta) impl, autograd registration and schema; the aot_dispatch checks compile, too slow here
-    torch.library.opcheck(hrr_bind_bundle, (x, keys), test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    if method == "matmul":  # the schema, fake impl and autograd registration are shared by both methods
+        checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+        torch.library.opcheck(hrr_bind_bundle, (x, keys, method), test_utils=checks)
+    with pytest.raises(ValueError, match="method='dft'"):
+        hrr_bind_bundle(x, keys, "dft")
     with pytest.raises(ValueError, match=r"keys \(n, C\)"):
         hrr_bind_bundle(torch.zeros(1, 2, 4, 1, 1), torch.zeros(3, 4))
 

@@ -11,8 +11,9 @@ computes it as a grouped ``Conv1d`` (groups = N, kernel C, circular padding C/2,
 dropped), O(C^2) per pixel. That conv computes ``out[m] = sum_j x[j] w[(j - m - 1 + C/2) mod C]``,
 the circular convolution with the key ``k[t] = w[(C/2 - 1 - t) mod C]``: the weight reversed and
 rolled by C/2 (:func:`conv1d_weight_to_key`; the map is its own inverse). Here it is computed with
-real FFTs in O(C log C), and the slot sum happens in the frequency domain, so one inverse FFT
-serves all slots.
+real FFTs in O(C log C), with the slot sum in the frequency domain so one inverse FFT serves all
+slots; for small C (MIMONet's C0 = 64) one GEMM with the keys' circulant matrices is faster on a CPU,
+and ``method="auto"`` picks it there (both are exact; see :func:`hrr_bind_bundle`).
 
 :func:`hrr_bind_bundle` is a ``torch.library`` custom op (``manynets::hrr_bind_bundle``) with a
 fake (meta) implementation and an autograd formula, so ``torch.compile`` traces it as one node. Its
@@ -32,6 +33,7 @@ from torch import Tensor
 __all__ = [
     "circular_convolution",
     "circular_correlation",
+    "circulant",
     "conv1d_weight_to_key",
     "grouped_conv1d_bind",
     "hrr_bind",
@@ -119,14 +121,24 @@ def _check_bind_args(x: Tensor, keys: Tensor) -> None:
         )
 
 
-@torch.library.custom_op("manynets::hrr_bind_bundle", mutates_args=())
-def hrr_bind_bundle(x: Tensor, keys: Tensor) -> Tensor:
-    """Bind slot j of ``x`` (G, n, C, H, W) with ``keys[j]`` (n, C) along C and sum the slots -> (G, C, H, W).
+MATMUL_MAX_CHANNELS = 192
+"""``method="auto"`` binds by circulant matmul below this key length and by FFT from it on."""
 
-    ``out[g, :, h, w] = sum_j x[g, j, :, h, w] (*) keys[j]`` (circular convolution, spec §1.1 step 4).
-    One rFFT of x, one complex multiply-add over slots, one inverse rFFT.
-    """
-    _check_bind_args(x, keys)
+
+def circulant(keys: Tensor) -> Tensor:
+    """(n, C) keys -> (n, C, C) circulant matrices ``M[j, m, t] = keys[j, (m - t) mod C]`` (M_j x = x (*) k_j)."""
+    c = keys.shape[-1]
+    ar = torch.arange(c, device=keys.device)
+    return keys[:, (ar[:, None] - ar[None, :]) % c]
+
+
+def _bind_matmul(x: Tensor, keys: Tensor) -> Tensor:
+    g, n, c, h, w = x.shape
+    stacked = circulant(keys.to(x.dtype)).permute(1, 0, 2).reshape(c, n * c)  # [M_1 ... M_n]
+    return torch.matmul(stacked, x.reshape(g, n * c, h * w)).view(g, c, h, w)
+
+
+def _bind_fft(x: Tensor, keys: Tensor) -> Tensor:
     c = x.shape[2]
     dt = _fft_dtype(x)
     xf = torch.fft.rfft(x.to(dt), dim=2)  # (G, n, F, H, W)
@@ -135,33 +147,69 @@ def hrr_bind_bundle(x: Tensor, keys: Tensor) -> Tensor:
     return torch.fft.irfft(sf, n=c, dim=1).to(x.dtype).contiguous()
 
 
+def _use_fft(method: str, channels: int) -> bool:
+    if method not in ("auto", "fft", "matmul"):
+        raise ValueError(f"hrr_bind_bundle method={method!r}; expected 'auto', 'fft' or 'matmul'.")
+    return method == "fft" or (method == "auto" and channels >= MATMUL_MAX_CHANNELS)
+
+
+@torch.library.custom_op("manynets::hrr_bind_bundle", mutates_args=())
+def hrr_bind_bundle(x: Tensor, keys: Tensor, method: str = "auto") -> Tensor:
+    """Bind slot j of ``x`` (G, n, C, H, W) with ``keys[j]`` (n, C) along C and sum the slots -> (G, C, H, W).
+
+    ``out[g, :, h, w] = sum_j x[g, j, :, h, w] (*) keys[j]`` (circular convolution, spec §1.1 step 4).
+
+    ``method``: ``fft`` (one rFFT of x, a complex multiply-add over slots, one inverse rFFT; O(C log C)
+    per pixel), ``matmul`` (one GEMM with the stacked circulant matrices of the keys, O(n C^2) per pixel
+    but dense BLAS: faster for small C such as MIMONet's C0 = 64 on CPU) or ``auto`` (matmul below
+    :data:`MATMUL_MAX_CHANNELS`, the crossover measured on a 2-core CPU, else FFT). All compute the
+    same circular convolution.
+    """
+    _check_bind_args(x, keys)
+    return _bind_fft(x, keys) if _use_fft(method, x.shape[2]) else _bind_matmul(x, keys)
+
+
 @hrr_bind_bundle.register_fake
-def _(x: Tensor, keys: Tensor) -> Tensor:
+def _(x: Tensor, keys: Tensor, method: str = "auto") -> Tensor:
     _check_bind_args(x, keys)
     g, _, c, h, w = x.shape
     return x.new_empty((g, c, h, w))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, keys = inputs
+    x, keys, method = inputs
     ctx.save_for_backward(x, keys)
+    ctx.method = method
 
 
 def _backward(ctx, grad: Tensor):
-    """d/dx_j = grad (.) k_j (correlation); d/dk_j = sum over g, h, w of grad (.) x_j."""
+    """d/dx_j = grad (.) k_j (correlation = transposed circulant); d/dk_j[s] = sum over g, h, w, m of
+    grad[m] x_j[m - s]."""
     x, keys = ctx.saved_tensors
-    c = x.shape[2]
-    dt = _fft_dtype(x)
-    gf = torch.fft.rfft(grad.to(dt), dim=1)  # (G, F, H, W)
+    g, n, c, h, w = x.shape
     grad_x = grad_keys = None
+    if _use_fft(ctx.method, c):
+        dt = _fft_dtype(x)
+        gf = torch.fft.rfft(grad.to(dt), dim=1)  # (G, F, H, W)
+        if ctx.needs_input_grad[0]:
+            kf = torch.fft.rfft(keys.to(dt), dim=1)
+            grad_x = torch.fft.irfft(gf.unsqueeze(1) * kf.conj()[None, :, :, None, None], n=c, dim=2)
+            grad_x = grad_x.to(x.dtype).contiguous()
+        if ctx.needs_input_grad[1]:
+            xf = torch.fft.rfft(x.to(dt), dim=2)
+            grad_keys = torch.fft.irfft(torch.einsum("gnfhw,gfhw->nf", xf.conj(), gf), n=c, dim=1).to(keys.dtype)
+        return grad_x, grad_keys, None
+    grad_rows = grad.reshape(g, c, h * w)
     if ctx.needs_input_grad[0]:
-        kf = torch.fft.rfft(keys.to(dt), dim=1)
-        grad_x = torch.fft.irfft(gf.unsqueeze(1) * kf.conj()[None, :, :, None, None], n=c, dim=2)
-        grad_x = grad_x.to(x.dtype).contiguous()
+        stacked = circulant(keys.to(x.dtype)).permute(1, 0, 2).reshape(c, n * c)
+        grad_x = torch.matmul(stacked.T, grad_rows).view(g, n, c, h, w)
     if ctx.needs_input_grad[1]:
-        xf = torch.fft.rfft(x.to(dt), dim=2)
-        grad_keys = torch.fft.irfft(torch.einsum("gnfhw,gfhw->nf", xf.conj(), gf), n=c, dim=1).to(keys.dtype)
-    return grad_x, grad_keys
+        # A[m, j, t] = sum_(g, p) grad[g, m, p] x[g, j, t, p]; grad_k[j, s] = sum_m A[m, j, (m - s) mod C]
+        a = torch.einsum("gmp,gtp->mt", grad_rows, x.reshape(g, n * c, h * w)).view(c, n, c)
+        ar = torch.arange(c, device=x.device)
+        diag = (ar[:, None] - ar[None, :]) % c  # (m, s) -> t
+        grad_keys = a.permute(1, 0, 2).gather(2, diag.expand(n, c, c)).sum(1).to(keys.dtype)
+    return grad_x, grad_keys, None
 
 
 hrr_bind_bundle.register_autograd(_backward, setup_context=_setup_context)
