@@ -1,0 +1,311 @@
+"""π-layers, kernel, π-SGD, finite twin and feature kernel against independent references (spec §1.14)."""
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from manynets.cuda_ops.pi_kernel import pi_backward, pi_forward, pi_forward_reference
+from manynets.layers.feature_kernel import pi_kernel, ridge_predict
+from manynets.layers.pi import InfPiLayer, PiLinearFunction
+from manynets.layers.pi_finite import FinPiMLP
+from manynets.layers.pi_math import ab_norm, j1, phi, phi_prime, relu_covariance
+from manynets.layers.pi_mlp import InfMLP, estimate_memory
+from manynets.layers.pi_optim import PiSGD, clip_gradients
+
+
+def pisgd(net, lr, wd=0.0):
+    params = [p for p in net.parameters() if p.requires_grad]
+    if isinstance(net, InfMLP):
+        params += [layer.Amult for layer in net.pi_layers()]
+    return PiSGD(params, lr=lr, weight_decay=wd)
+
+
+# -- closed forms ----------------------------------------------------------------------
+def test_phi_j1_closed_forms():
+    c = torch.tensor([1.0, 0.0, -1.0], dtype=torch.float64)
+    assert phi(c)[0].item() == pytest.approx(0.5, abs=1e-9)
+    assert phi(c)[1].item() == pytest.approx(1 / (2 * math.pi), abs=1e-12)
+    assert phi(c)[2].item() == pytest.approx(0.0, abs=1e-9)
+    assert j1(c)[0].item() == pytest.approx(1.0, abs=1e-9)
+
+
+def test_phi_is_relu_expectation_and_phi_prime_its_derivative():
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((2, 400_000))
+    for cval in (-0.7, 0.0, 0.3, 0.9):
+        z2 = cval * z[0] + math.sqrt(1 - cval**2) * z[1]
+        mc = np.mean(np.maximum(z[0], 0) * np.maximum(z2, 0))
+        assert phi(torch.tensor(cval, dtype=torch.float64)).item() == pytest.approx(mc, abs=4e-3)
+    c = torch.linspace(-0.95, 0.95, 21, dtype=torch.float64)
+    h = 1e-6
+    numeric = (phi(c + h) - phi(c - h)) / (2 * h)
+    assert torch.allclose(phi_prime(c), numeric, atol=1e-8)
+    assert torch.allclose(phi_prime(c), torch.acos(-c) / (2 * math.pi))
+
+
+def test_ab_norm_matches_monte_carlo_and_single_row():
+    torch.manual_seed(0)
+    dA, dB = torch.randn(3, 5, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    u = torch.randn(400_000, 4, dtype=torch.float64) @ dB.T  # u ~ N(0, dB dB^T)
+    v_mc = (torch.relu(u).T @ torch.relu(u)) / u.shape[0]
+    assert torch.allclose(relu_covariance(dB), v_mc, rtol=0.03, atol=0.02)
+    expected = torch.sqrt(((dA @ dA.T) * v_mc).sum())
+    assert ab_norm(dA, dB).item() == pytest.approx(expected.item(), rel=0.02)
+    b = torch.randn(1, 4, dtype=torch.float64)
+    a = torch.randn(1, 5, dtype=torch.float64)
+    assert ab_norm(a, b / b.norm()).item() == pytest.approx(a.norm().item() / math.sqrt(2), rel=1e-8)
+
+
+# -- kernel ------------------------------------------------------------------------------
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
+def test_chunked_kernel_equals_reference(chunk):
+    torch.manual_seed(0)
+    b, r, r_out, m = 5, 6, 3, 157
+    g = torch.randn(b, r, dtype=torch.float64)
+    s = g.norm(dim=1)
+    gbar = (g / s[:, None]).requires_grad_()
+    B = torch.randn(m, r, dtype=torch.float64)
+    B = B / B.norm(dim=1, keepdim=True)
+    A, Amult = torch.randn(m, r_out, dtype=torch.float64), torch.randn(m, dtype=torch.float64)
+    ref = pi_forward_reference(gbar, s, A, B, Amult)
+    assert torch.allclose(pi_forward(gbar.detach(), s, A, B, Amult, chunk), ref, atol=1e-12)
+    # backward w.r.t. g = s gbar: autograd of the reference with s and gbar recomputed from g
+    gg = g.clone().requires_grad_()
+    norm = gg.norm(dim=1)
+    delta = torch.randn(b, r_out, dtype=torch.float64)
+    (pi_forward_reference(gg / norm[:, None], norm, A, B, Amult) * delta).sum().backward()
+    assert torch.allclose(pi_backward(delta, gbar.detach(), A, B, Amult, chunk), gg.grad, atol=1e-10)
+
+
+def test_kernel_low_precision_state_close_to_fp32():
+    torch.manual_seed(0)
+    g, B, A = torch.randn(4, 8), torch.randn(300, 8), torch.randn(300, 5)
+    B = B / B.norm(dim=1, keepdim=True)
+    Amult, s = torch.rand(300), g.norm(dim=1)
+    gbar = g / s[:, None]
+    ref = pi_forward(gbar, s, A, B, Amult, 50)
+    for dt in (torch.float16, torch.bfloat16):
+        out = pi_forward(gbar, s, A.to(dt), B.to(dt), Amult, 50)
+        assert out.dtype == torch.float32
+        assert torch.allclose(out, ref, rtol=0.05, atol=0.05 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("layernorm", [False, True])
+def test_custom_backward_gradcheck_and_rows(layernorm):
+    torch.manual_seed(0)
+    b, r, r_out, m = 3, 4, 2, 9
+    B = torch.randn(m, r, dtype=torch.float64)
+    B = B / B.norm(dim=1, keepdim=True)
+    A, Amult = torch.randn(m, r_out, dtype=torch.float64), torch.randn(m, dtype=torch.float64)
+    g = torch.randn(b, r, dtype=torch.float64, requires_grad=True)
+    pa = torch.zeros(b, r_out, dtype=torch.float64)
+    pb = torch.zeros(b, r, dtype=torch.float64)
+
+    def f(x):
+        return PiLinearFunction.apply(x, pa, pb, A, B, Amult, layernorm, 4)
+
+    assert torch.autograd.gradcheck(f, (g,), eps=1e-6, atol=1e-7)
+    # against autograd of the forward formula written out directly
+    x = g.detach().clone().requires_grad_()
+    norm = x.norm(dim=1, keepdim=True)
+    s = torch.ones_like(norm) if layernorm else norm
+    q = (x / norm) @ B.T
+    direct = ((torch.sqrt(1 - q**2) + q * (math.pi - torch.acos(q))) / (2 * math.pi) * s * Amult) @ A
+    delta = torch.randn(b, r_out, dtype=torch.float64)
+    (direct * delta).sum().backward()
+    pa2, pb2 = pa.clone().requires_grad_(), pb.clone().requires_grad_()
+    out = PiLinearFunction.apply(g, pa2, pb2, A, B, Amult, layernorm, 4)
+    assert torch.allclose(out, direct.detach(), atol=1e-12)
+    (out * delta).sum().backward()
+    assert torch.allclose(g.grad, x.grad, atol=1e-10)
+    assert torch.allclose(pa2.grad, delta * s)  # A-rows = delta * s
+    assert torch.allclose(pb2.grad, x.detach() / norm)  # B-rows = gbar
+
+
+# -- π-net state and π-SGD -------------------------------------------------------------
+def test_output_zero_at_init_and_rows_grow_old_rows_fixed():
+    torch.manual_seed(0)
+    net = InfMLP(6, 3, r=5, depth=3, bias_alpha=0.5, seed=0)
+    x, y = torch.randn(20, 6), torch.randint(0, 3, (20,))
+    assert net(x).abs().max().item() == 0.0
+    before = {id(l): (l.A.clone(), l.B.clone(), l.Amult.clone()) for l in net.pi_layers()}
+    lr, wd, b, t = 0.3, 0.01, 4, 6
+    opt = pisgd(net, lr, wd)
+    for step in range(t):
+        loss = torch.nn.functional.cross_entropy(net(x[step * 3 : step * 3 + b]), y[step * 3 : step * 3 + b])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    for layer in net.pi_layers():
+        A0, B0, M0 = before[id(layer)]
+        assert layer.num_rows == 5 + b * t == layer.B.shape[0] == layer.Amult.shape[0]
+        assert torch.equal(layer.A[:5], A0) and torch.equal(layer.B[:5], B0)
+        decay = (1 - lr * wd) ** t
+        assert torch.allclose(layer.Amult[:5], M0 * decay, rtol=1e-6)
+        # rows appended at step k carry -lr decayed by the later steps
+        expected = torch.tensor([-lr * (1 - lr * wd) ** (t - 1 - k) for k in range(t)]).repeat_interleave(b)
+        assert torch.allclose(layer.Amult[5:], expected, rtol=1e-6)
+        assert torch.allclose(layer.B[5:].norm(dim=1), torch.ones(b * t), atol=1e-5)
+    assert net(x).abs().max().item() > 0
+
+
+def test_estimate_memory_matches_state_after_training():
+    net = InfMLP(7, 3, r=4, depth=2, state_dtype="float16", seed=0)
+    opt = pisgd(net, 0.1)
+    for _ in range(5):
+        net(torch.randn(6, 7)).sum().backward()
+        opt.step()
+    est = estimate_memory(7, 3, 4, 2, 6, 5, "float16")
+    assert est["rows"] == net.output.num_rows == 34
+    assert est["state"] == net.state_bytes()  # A, B (fp16), Amult (fp32), biases and the input layer
+    assert est["peak"] > est["state"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_save_load_reproduces_outputs_exactly(dtype):
+    torch.manual_seed(0)
+    net = InfMLP(5, 2, r=3, depth=2, state_dtype=dtype, seed=1)
+    opt = pisgd(net, 0.5, 1e-3)
+    for _ in range(7):  # grows past the over-allocation boundary
+        net(torch.randn(3, 5)).square().sum().backward()
+        opt.step()
+    x = torch.randn(11, 5)
+    with torch.no_grad():
+        out = net.eval()(x)
+    buf = io.BytesIO()
+    torch.save(net.state_dict(), buf)
+    buf.seek(0)
+    fresh = InfMLP(5, 2, r=3, depth=2, state_dtype=dtype, seed=2)
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    assert fresh.output.num_rows == net.output.num_rows == 3 + 21
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), out)
+    assert net.output.A.dtype == getattr(torch, dtype) and net.output.Amult.dtype == torch.float32
+
+
+def test_clipping_per_param_and_global():
+    torch.manual_seed(0)
+    net = InfMLP(4, 2, r=3, depth=2, readout_zero_init=False, seed=0)
+    net(torch.randn(5, 4)).square().sum().mul(100).backward()
+    rows = {id(l): l.pi_grads()[0].clone() for l in net.pi_layers()}
+    norms = {id(l): ab_norm(*l.pi_grads()).item() for l in net.pi_layers()}
+    a1 = net.input.A1.grad.clone()
+    total = clip_gradients(net, 0.01, per_param=True)
+    others = [p.grad for p in net.parameters() if p.grad is not None]
+    assert total.item() > 0.01
+    for l in net.pi_layers():
+        assert ab_norm(*l.pi_grads()).item() == pytest.approx(min(norms[id(l)], 0.01), rel=1e-3)
+        assert torch.allclose(l.pi_grads()[0], rows[id(l)] * min(1, 0.01 / (norms[id(l)] + 1e-6)))
+    assert net.input.A1.grad.norm().item() == pytest.approx(min(a1.norm().item(), 0.01), rel=1e-3)
+    assert all(g.norm().item() <= 0.0101 for g in others)
+    net.zero_grad()
+    for l in net.pi_layers():
+        l.zero_pi_grads()
+    net(torch.randn(5, 4)).square().sum().mul(100).backward()
+    before = clip_gradients(net, 0.0)  # measure only
+    after = clip_gradients(net, 0.05)
+    assert after.item() == pytest.approx(before.item(), rel=1e-6)
+    assert clip_gradients(net, 0.0).item() == pytest.approx(0.05, rel=1e-3)
+
+
+# -- finite twin -----------------------------------------------------------------------
+def test_finite_twin_init_coefficients_converge():
+    """sqrt(n) (Omega^T Omega)^-1 Omega^T h_l -> g_l with error ~ n^-1/2 (spec §1.14 item 2)."""
+    inf = InfMLP(4, 2, r=3, depth=3, seed=0)
+    x = torch.randn(10, 4)
+    g = [inf.input(x)]
+    for layer in inf.hidden:
+        g.append(layer(g[-1]))
+    errors = []
+    for n in (250, 4000):
+        fin = FinPiMLP(4, 2, width=n, infnet=inf, seed=3)
+        hs = fin.preactivations(x)
+        assert fin(x).abs().max().item() == 0.0  # readout A = 0 -> both outputs 0
+        err = []
+        for l in range(3):
+            omega = getattr(fin, f"omega{l}")
+            coef = math.sqrt(n) * torch.linalg.lstsq(omega, hs[l].T).solution.T
+            err.append(((coef - g[l]).norm() / g[l].norm()).item())
+        assert err[0] < 1e-4  # the input layer is exact
+        errors.append(err[2])
+    assert errors[1] < errors[0] / 2.5  # ~ n^-1/2: a factor 4 expected for 16x the width
+
+
+def _loss_curve(net, X, Y, lr, bs, steps, order):
+    opt = pisgd(net, lr)
+    losses = []
+    for t in range(steps):
+        idx = order[torch.arange(t * bs, (t + 1) * bs) % len(order)]
+        loss = 0.5 * (net(X[idx]) - Y[idx]).square().sum(1).mean()
+        loss.backward()
+        if isinstance(net, FinPiMLP):
+            net.project_gradients()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return torch.tensor(losses)
+
+
+@pytest.mark.slow
+def test_finite_twin_follows_infinite_net_on_sine():
+    """Spec §1.14 item 1 on a reduced grid: median relative loss-curve difference < 5 % at n = 1000, smaller than at 250."""
+    x = torch.linspace(-math.pi, math.pi, 100)
+    X, Y = torch.stack([x, torch.ones_like(x)], 1), torch.sin(x)[:, None]
+    diffs = {250: [], 1000: []}
+    for seed in (0, 1):
+        for bs, lr in ((4, 0.1), (32, 0.2), (100, 0.05), (8, 0.02)):
+            order = torch.randperm(100, generator=torch.Generator().manual_seed(seed))
+            inf = InfMLP(2, 1, r=2, depth=2, seed=10 + seed)
+            fins = {n: FinPiMLP(2, 1, width=n, infnet=inf, seed=seed) for n in diffs}
+            li = _loss_curve(inf, X, Y, lr, bs, 100, order)
+            for n, fin in fins.items():
+                lf = _loss_curve(fin, X, Y, lr, bs, 100, order)
+                diffs[n].append(((lf - li).norm() / li.norm()).item())
+    med = {n: float(np.median(d)) for n, d in diffs.items()}
+    assert med[1000] < 0.05, med
+    assert med[1000] < med[250], med
+
+
+def test_gaussian_init_and_projection():
+    fin = FinPiMLP(4, 3, r=2, depth=2, width=64, seed=0)
+    fin(torch.randn(5, 4)).square().sum().backward()
+    w = fin.linears[1].weight.grad.clone()
+    fin.project_gradients()
+    omega = fin.omega1
+    P = omega @ torch.linalg.pinv(omega)
+    assert torch.allclose(fin.linears[1].weight.grad, P @ w, atol=1e-5)
+    mu = FinPiMLP(4, 3, r=2, depth=2, width=2000, gaussian_init=True, gproj=False, seed=0)
+    assert mu.linears[1].weight.std().item() == pytest.approx(math.sqrt(2 / 2000), rel=0.02)
+
+
+# -- feature kernel -------------------------------------------------------------------
+def test_ridge_and_pi_kernel():
+    rng = np.random.default_rng(0)
+    f = rng.standard_normal((30, 5))
+    f /= np.linalg.norm(f, axis=1, keepdims=True)
+    K = pi_kernel(torch.tensor(f), torch.tensor(f))
+    assert torch.allclose(torch.diagonal(K), torch.full((30,), 0.5, dtype=torch.float64), atol=1e-9)
+    labels = rng.integers(0, 3, 30)
+    Kn = K.numpy()
+    y = np.eye(3)[labels] - 0.5
+    alpha = np.linalg.solve(Kn[:20, :20] + 1e-3 * np.eye(20), y[:20])
+    expected = (Kn[20:, :20] @ alpha).argmax(1)
+    got = ridge_predict(K[:20, :20], torch.tensor(labels[:20]), K[20:, :20], 1e-3, 3)
+    assert np.array_equal(got.numpy(), expected)
+    with pytest.raises(ValueError, match="reg"):
+        ridge_predict(K[:20, :20], torch.tensor(labels[:20]), K[20:, :20], -1.0, 3)
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match="state_dtype"):
+        InfPiLayer(3, 3, state_dtype="float64")
+    with pytest.raises(ValueError, match="depth"):
+        InfMLP(3, 2, r=2, depth=0)
+    layer = InfPiLayer(3, 2)
+    with pytest.raises(ValueError, match=r"expects input \(batch, 3\)"):
+        layer(torch.randn(2, 4))
+    with pytest.raises(ValueError, match="Amult of an InfPiLayer"):
+        PiSGD([torch.nn.Parameter(torch.zeros(2), requires_grad=False)])
