@@ -14,6 +14,7 @@ import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
 import manynets.lightning_modules.subspaces as subspaces_module
+from manynets.callbacks.subspace_plots import plot_sweep
 from manynets.callbacks.subspace_sweep import run_sweep, sweep_points
 from manynets.layers.subspace import set_point, subspace_coefficients, subspace_layers
 from manynets.layers.subspace_bn import recompute_bn
@@ -140,7 +141,7 @@ def test_line_sweep_against_one_point_at_a_time():
         assert row["nll"] == pytest.approx(nll, rel=1e-3)
 
 
-def test_simplex_sweep_points_and_ensembles():
+def test_simplex_sweep_points_and_ensembles(tmp_path):
     names, points = sweep_points("simplex", 3, num_random_points=4)
     assert names[:4] == ["vertex0", "vertex1", "vertex2", "centroid"] and points.shape == (8, 3)
     assert (points >= 0).all() and torch.allclose(points.sum(-1), torch.ones(8))
@@ -157,6 +158,8 @@ def test_simplex_sweep_points_and_ensembles():
         summed = summed + net(x)
         net.train()
     assert by_name["ensemble_vertices"]["acc"] == pytest.approx((summed.argmax(1) == y).float().mean().item(), abs=1e-6)
+    figures = plot_sweep(rows, "simplex", tmp_path)
+    assert list(figures) == ["subspace_simplex"] and (tmp_path / "subspace_simplex.png").stat().st_size > 10_000
 
 
 def test_checkpoint_ensemble_mean_logits(tmp_path):

@@ -22,6 +22,7 @@ def plot_sweep(rows: list[dict], kind: str, dirpath: Path) -> dict[str, "plt.Fig
     dirpath.mkdir(parents=True, exist_ok=True)
     figures = _line_figures(rows, kind) if kind in ("line", "curve") else _simplex_figures(rows)
     for name, fig in figures.items():
+        fig.tight_layout()
         fig.savefig(dirpath / f"{name}.png", dpi=120, bbox_inches="tight")
     return figures
 
