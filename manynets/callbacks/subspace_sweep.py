@@ -95,10 +95,12 @@ def run_sweep(
     device = next(network.parameters()).device
     coefficients = coefficients.to(device)
     p = len(names)
+    if points_per_pass is None:  # grouped convs pay on a GPU; on a CPU separate convs are faster
+        points_per_pass = p if device.type == "cuda" else 1
     stats = None
     if recompute_bn:
         stats = collect_bn_statistics(network, train_batches, coefficients, points_per_pass, bn_batches)
-    chunks = [(lo, min(lo + (points_per_pass or p), p)) for lo in range(0, p, points_per_pass or p)]
+    chunks = [(lo, min(lo + points_per_pass, p)) for lo in range(0, p, points_per_pass)]
     acc = _Accumulator(num_classes, device)
     checked = points_per_pass == 1
     for batch in test_batches:
@@ -185,8 +187,10 @@ class SubspaceSweep(Callback):
     Args:
         num_alphas: grid size of α₀ on [0, 1] for lines and curves (21: step 0.05).
         num_random_points: random Dirichlet(1) points of a simplex (ensembles of 2..R of them).
-        points_per_pass: points evaluated together in one packed forward (None: all; lower it if
-            memory runs out; 1 works for any network, see ``check_packed``).
+        points_per_pass: points evaluated together in one packed forward (grouped convs). None: all
+            points on a GPU, 1 on a CPU (there, grouped convs are slower than separate ones:
+            benchmarks/subspaces.py). Lower it if GPU memory runs out; 1 works for any network (see
+            ``check_packed``). The training data is read once in every case.
         bn_batches: training batches used for the BN statistics (None: the whole epoch, official).
         recompute_bn: recompute the BN statistics of every point (official); False uses the shared ones.
         dirpath: where ``subspace_sweep.csv`` and the PNGs go (default: the trainer's log dir).
