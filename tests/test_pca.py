@@ -91,3 +91,32 @@ def test_hooks_and_delta_sweep(tmp_path):
         assert len(list(csv.DictReader(f))) == 3
     assert len(net._forward_hooks) == 0 and all(len(m._forward_hooks) == 0 for m in net)
     assert SWEEP_DELTAS[0] == 0.9 and SWEEP_DELTAS[-1] == 3.0 and 0.9995 in SWEEP_DELTAS and len(SWEEP_DELTAS) == 25
+
+
+def test_pca_sweep_callback_after_test(tmp_path):
+    import lightning.pytorch as pl
+
+    from manynets.callbacks.pca_sweep import PCADeltaSweep
+    from manynets.datamodules.digits import DigitsDataModule
+    from manynets.lightning_modules.classifier import ClassifierModule
+
+    class Net(nn.Module):
+        def __init__(self, num_classes, image_shape):
+            super().__init__()
+            self.stem = nn.Conv2d(image_shape[0], 6, 3, padding=1)
+            self.body = nn.Sequential(nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(24, 12), nn.ReLU())
+            self.head = nn.Linear(12, num_classes)
+
+        def forward(self, x):
+            return self.head(self.body(self.stem(x)))
+
+    module = ClassifierModule(Net, 10, (1, 8, 8))
+    dm = DigitsDataModule(size=8, channels=1, augment=False, batch_size=256, eval_batch_size=512)
+    sweep = PCADeltaSweep(deltas=[0.9, 3.0], dirpath=str(tmp_path))
+    trainer = pl.Trainer(logger=False, callbacks=[sweep], enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)  # fmt: skip
+    metrics = trainer.test(module, dm, verbose=False)[0]
+    assert [r["delta"] for r in sweep.rows] == [0.9, 3.0]
+    assert sweep.rows[1]["accuracy"] == pytest.approx(metrics["test/acc"], abs=1e-6)
+    assert sweep.rows[0]["sum_id"] < sweep.rows[1]["sum_id"] == 18 and "random_accuracy" in sweep.rows[0]
+    assert (tmp_path / "pca_sweep.csv").read_text().startswith("delta,accuracy,loss,sum_id")

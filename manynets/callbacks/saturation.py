@@ -190,6 +190,10 @@ class Saturation(pl.Callback):
         # Lightning runs the epoch's validation before this hook, so both modes are complete here.
         self._finish(trainer, pl_module, [m for m in ("train", "eval") if m in self.modes], trainer.current_epoch)
 
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "validate" and "eval" in self.modes:  # `manynets validate`: no training epoch
+            self._finish(trainer, pl_module, ["eval"], trainer.current_epoch, csv_name="saturation_validate.csv")
+
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if "test" in self.modes:
             self._finish(trainer, pl_module, ["test"], trainer.current_epoch, csv_name="saturation_test.csv")
@@ -233,11 +237,11 @@ class Saturation(pl.Callback):
             return
         directory = self._dir(trainer)
         directory.mkdir(parents=True, exist_ok=True)
-        rows = self.rows if csv_name == "saturation.csv" else []
+        rows = self.rows if csv_name == "saturation.csv" else []  # test/validate runs: one row
         rows.append(row)
         _write_csv(directory / csv_name, rows)
         if self.plot:
-            tag = "saturation" if csv_name == "saturation.csv" else "saturation_test"
+            tag = csv_name.removesuffix(".csv")
             fig = plot_saturation(by_mode, self.widths, f"{tag}, epoch {epoch}, delta {self.delta}")
             fig.savefig(directory / f"{tag}_epoch{epoch:03d}.png", dpi=100, bbox_inches="tight")
             log_figure(trainer, tag, fig, trainer.global_step)

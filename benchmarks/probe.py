@@ -1,0 +1,138 @@
+"""Benchmark of the probes and saturation method (issue #7), ratios measured in one process.
+
+1. Saturation overhead: epoch time of a torchvision-style ResNet-18 (ImageNet stem) at 32 px, batch 64,
+   with and without the :class:`~manynets.callbacks.Saturation` callback tracking its 21 Conv2d/Linear layers
+   (train batches; the epoch-end all-reduce + eigen-decompositions + CSV + plot included). Variants: float32
+   products, every 4th batch. Official numbers for comparison (delve): 1.14x / 1.19-1.29x.
+2. Probes: all-layer linear probes trained in one pass (:class:`~manynets.lightning_modules.ProbeModule`) against
+   extracting the features and fitting scikit-learn ``LogisticRegression(solver='saga', max_iter=100)`` per layer
+   (PHD-LAB's recipe), on the same layers of a small VGG on the bundled digits; time ratio and the largest
+   per-layer test-accuracy difference.
+
+    python benchmarks/probe.py --batches 8 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+from functools import partial
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from manynets.callbacks.saturation import Saturation, select_layers
+from manynets.lightning_modules import ClassifierModule, ProbeModule
+from manynets.networks import VGG, ResNet
+
+warnings.filterwarnings("ignore")
+
+
+class EpochTimer(pl.Callback):
+    """Wall time from the start of the training epoch to the end of every callback's epoch-end work."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.seconds = time.perf_counter() - self.start
+
+
+def epoch_time(callbacks: list, batches: int, device: str, tmp: str) -> float:
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(64 * batches, 3, 32, 32), torch.randint(0, 10, (64 * batches,)))
+    module = ClassifierModule(partial(ResNet, depth=18), 10, (3, 32, 32), optimizer=partial(torch.optim.SGD, lr=0.01))
+    timer = EpochTimer()
+    trainer = pl.Trainer(max_epochs=1, accelerator=device, devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[*callbacks, timer],
+                         default_root_dir=tmp)  # fmt: skip
+    trainer.fit(module, DataLoader(data, batch_size=64))
+    return timer.seconds
+
+
+def saturation_table(batches: int, rounds: int, device: str, tmp: str) -> list[tuple[str, float, float]]:
+    variants = {
+        "no callback": lambda: [],
+        "Saturation (float64)": lambda: [Saturation(modes=["train"], dirpath=tmp)],
+        "Saturation (float32 products)": lambda: [Saturation(modes=["train"], matmul_dtype="float32", dirpath=tmp)],
+        "Saturation (every 4th batch)": lambda: [Saturation(modes=["train"], every_n_batches=4, dirpath=tmp)],
+    }
+    epoch_time([], 2, device, tmp)  # warm-up
+    times = {name: [] for name in variants}
+    for _ in range(rounds):  # interleaved, median: robust to other load on the machine
+        for name, make in variants.items():
+            times[name].append(epoch_time(make(), batches, device, tmp))
+    base = statistics.median(times["no callback"])
+    return [(name, statistics.median(t), statistics.median(t) / base) for name, t in times.items()]
+
+
+def probe_table(epochs: int, device: str, tmp: str) -> list[tuple[str, float, float]]:
+    from manynets.datamodules.digits import DigitsDataModule
+    from manynets.layers.probes import extract_features, sklearn_probe_accuracies
+
+    torch.manual_seed(0)
+    backbone = partial(VGG, depth=11, width_divisor=4, head="linear")
+    dm = DigitsDataModule(size=32, channels=3, augment=False, batch_size=128, eval_batch_size=512)
+    module = ProbeModule(backbone=backbone, num_classes=10, image_shape=(3, 32, 32), C=1.0, dirpath=tmp,
+                         optimizer=partial(torch.optim.Adam, lr=0.01),
+                         lr_scheduler=partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=epochs))  # fmt: skip
+    trainer = pl.Trainer(max_epochs=epochs, accelerator=device, devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         num_sanity_val_steps=0, default_root_dir=tmp)  # fmt: skip
+    start = time.perf_counter()
+    trainer.fit(module, dm)
+    trainer.test(module, dm, verbose=False)
+    ours = time.perf_counter() - start
+
+    dm.setup("fit")
+    dm.setup("test")
+    layers = select_layers(module.network)
+    start = time.perf_counter()
+    train = extract_features(module.network, layers, dm.train_dataloader(), 4, module.device)
+    test = extract_features(module.network, layers, dm.test_dataloader(), 4, module.device)
+    ref = sklearn_probe_accuracies(train, {"test": test}, C=1.0, solver="saga", max_iter=100, standardize=False)
+    theirs = time.perf_counter() - start
+    diff = max(abs(module.results[n]["test_acc"] - ref[n]["test_acc"]) for n in ref)
+    mean_ours = statistics.mean(module.results[n]["test_acc"] for n in ref)
+    mean_ref = statistics.mean(ref[n]["test_acc"] for n in ref)
+    return [
+        (f"one pass, {len(layers)} probes, {epochs} epochs", ours, mean_ours),
+        ("extract + sklearn saga (100 it.)", theirs, mean_ref),
+        ("time ratio sklearn / one pass", theirs / ours, 100 * diff),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batches", type=int, default=8, help="training batches of 64 per timed epoch")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--probe-epochs", type=int, default=10)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--skip", choices=["saturation", "probes"], default=None)
+    args = parser.parse_args()
+    import tempfile
+
+    tmp = tempfile.mkdtemp()
+    print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    if args.skip != "saturation":
+        n = len(select_layers(ResNet(10)))
+        print(f"\nSaturation overhead: ResNet-18 (ImageNet stem) 32 px, batch 64, {n} tracked layers, "
+              f"{args.batches} batches/epoch, median of {args.rounds}")  # fmt: skip
+        print(f"{'variant':34s} {'epoch s':>9s} {'ratio':>7s}")
+        for name, seconds, ratio in saturation_table(args.batches, args.rounds, args.device, tmp):
+            print(f"{name:34s} {seconds:9.3f} {ratio:7.3f}")
+    if args.skip != "probes":
+        print("\nProbes on digits, VGG-11/4, all Conv2d/Linear layers, conv maps pooled to 4x4, C = 1")
+        rows = probe_table(args.probe_epochs, args.device, tmp)
+        print(f"{'':40s} {'seconds':>9s} {'mean test acc':>14s}")
+        for name, seconds, acc in rows[:2]:
+            print(f"{name:40s} {seconds:9.2f} {acc:14.4f}")
+        name, ratio, diff = rows[2]
+        print(f"{name:40s} {ratio:9.2f}   max |acc diff| per layer {diff:.2f} pp")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""PHD-LAB's ``project`` mode as a test-time callback (spec pinet_saturation §2.7-2.8).
+
+After ``manynets test`` it fits PCA projections (:mod:`manynets.layers.pca`) after the chosen layers
+of the backbone on the training split (eval mode), then re-evaluates the first test set for every
+delta of the sweep and writes ``pca_sweep.csv`` (delta, accuracy, loss, summed dimension, summed
+width, mean saturation; with ``random_control`` also the random-orthonormal-subspace control).
+
+    manynets test --config configs/probe/cifar10_vgg_saturation.yaml --ckpt_path <ckpt> \\
+      --trainer.callbacks+=manynets.callbacks.PCADeltaSweep
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+
+from manynets.callbacks.saturation import backbone_of
+from manynets.layers.pca import SWEEP_DELTAS, delta_sweep
+
+
+class PCADeltaSweep(pl.Callback):
+    """Delta sweep of PCA projections after testing (rank 0).
+
+    Args:
+        layers, types: which layers get a projection (as :class:`~manynets.callbacks.Saturation`; the
+            logits layer is always left alone).
+        deltas: thresholds (default: PHD-LAB's 0.90 ... 0.9999 and 3.0).
+        centering: centred covariance and projection.
+        downsampling: conv maps larger than d x d are resized (nearest) for the covariance.
+        random_control: also evaluate a random orthonormal subspace of the same dimension per layer.
+        dirpath: folder of ``pca_sweep.csv`` (default: the trainer's ``log_dir``).
+    """
+
+    def __init__(
+        self,
+        layers: str | None = None,
+        types: list[str] = ["Conv2d", "Linear"],  # noqa: B006
+        deltas: list[float] | None = None,
+        centering: bool = True,
+        downsampling: int | None = None,
+        random_control: bool = True,
+        dirpath: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.layers, self.types, self.deltas = layers, list(types), list(deltas or SWEEP_DELTAS)
+        self.centering, self.downsampling, self.random_control, self.dirpath = centering, downsampling, random_control, dirpath
+        self.rows: list[dict[str, float]] = []
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        dm = trainer.datamodule
+        if dm is None:
+            raise ValueError("PCADeltaSweep needs a data module (its training split fits the projections)")
+        dm.setup("fit")
+        test = dm.test_dataloader()
+        test = test[0] if isinstance(test, list) else test
+        directory = Path(self.dirpath or trainer.log_dir or trainer.default_root_dir)
+        self.rows = delta_sweep(
+            backbone_of(pl_module), dm.train_dataloader(), test, directory / "pca_sweep.csv", self.deltas,
+            self.layers, self.types, self.centering, self.downsampling, self.random_control,
+        )  # fmt: skip
