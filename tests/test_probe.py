@@ -120,13 +120,14 @@ def test_cli_fit_saturation_then_probes(tmp_path):
               "--trainer.enable_progress_bar=false", "--data.init_args.batch_size=32"]  # fmt: skip
     run = tmp_path / "train"
     fit = [sys.executable, "-m", "manynets", "fit", "--config", str(REPO / "configs/quickstart/probe_digits.yaml"),
-           *common, f"--trainer.default_root_dir={run}", f"--checkpoint.dirpath={run}/ckpt",
-           f"--trainer.callbacks.init_args.dirpath={run}"]  # fmt: skip
+           *common, f"--trainer.default_root_dir={run}", f"--checkpoint.dirpath={run}/ckpt"]  # fmt: skip
     out = subprocess.run(fit, capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    sat = (run / "saturation.csv").read_text().splitlines()
+    outputs = tmp_path / "runs/quickstart/probe_digits"  # the callbacks' dirpath, relative to cwd
+    sat = (outputs / "saturation.csv").read_text().splitlines()
     assert len(sat) == 2 and "saturation/eval/stem-0" in sat[0]
-    assert (run / "receptive_field.csv").read_text().startswith("layer;map_size")
+    assert (outputs / "saturation_epoch000.png").is_file()
+    assert (outputs / "receptive_field.csv").read_text().startswith("layer;map_size")
     probes = tmp_path / "probes"
     probe = [sys.executable, "-m", "manynets", "fit", "--config", str(REPO / "configs/quickstart/probe_digits_probes.yaml"),
              *common, f"--trainer.default_root_dir={probes}", f"--checkpoint.dirpath={probes}/ckpt",
