@@ -122,7 +122,7 @@ def test_test_halves_cross_fit_lowers_nll_of_overconfident_logits():
     "kwargs, match",
     [({"num_members": 0}, "num_members"), ({"cutmix_prob": 1.5}, "cutmix_prob"),
      ({"batch_repetitions": 0}, "batch_repetitions"), ({"label_smoothing": 0.1}, "label_smoothing"),
-     ({"weight_root": 0.0}, "weight_root")],
+     ({"weight_root": 0.0}, "weight_root"), ({"msda_beta": 0.0}, "msda_beta")],
 )  # fmt: skip
 def test_bad_arguments_name_the_value(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -209,3 +209,29 @@ def test_cli_fit_then_test(tmp_path):
     out = subprocess.run(test, check=True, capture_output=True, text=True, cwd=tmp_path).stdout
     for name in ("test/acc", "test/member1/acc", "test/ratio_errors", "test/ts/nll", "test/temperature"):
         assert name in out
+
+
+@pytest.mark.slow
+def test_named_test_sets_log_prefixed_and_mean_metrics(tmp_path):
+    """Corruption-style named test sets: test/{set}/..., test/mean/... incl. ts/ and ratio_errors."""
+    import lightning.pytorch as pl
+
+    from manynets.datamodules.digits import DigitsDataModule
+
+    class TwoSets(DigitsDataModule):
+        def test_sets(self, transform):
+            clean = super().test_sets(transform)["test"]
+            return {"clean": clean, "shifted_s1": clean}
+
+    data = TwoSets(size=16, batch_size=16, eval_batch_size=64, val_split=64, test_size=64)
+    model = MixMoModule(tiny_wrn(), num_classes=10, image_shape=(3, 16, 16), batch_repetitions=2)
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, limit_test_batches=1,
+                         num_sanity_val_steps=0,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(model, datamodule=data)
+    results = trainer.test(model, datamodule=data, verbose=False)
+    logged = {k: v for r in results for k, v in r.items()}
+    for name in ("clean/acc", "shifted_s1/ts/nll", "mean/ts/nll", "mean/ratio_errors", "clean/temperature"):
+        assert f"test/{name}" in logged
+    assert logged["test/mean/ts/nll"] == pytest.approx(logged["test/shifted_s1/ts/nll"])

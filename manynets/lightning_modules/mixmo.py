@@ -103,6 +103,7 @@ class MixMoModule(ClassifierModule):
         proba_input_repetition: share of positions with identical inputs across members.
         msda: mixed-sample data augmentation on the inputs (``cutmix``, ``mixup`` or None).
         msda_prob, msda_beta: probability per member and sample, and Beta(beta, beta) of its ratio.
+            The partner image is drawn from the step's unique images (official: from the whole data set).
         l2_reg: coefficient of the explicit ``sum ||theta||^2`` term over all parameters (the CIFAR
             recipes use 3e-4 with SGD ``weight_decay: 0``).
         temperature_scaling: ``val`` (fit T on the validation split), ``test_halves`` (official
@@ -140,6 +141,8 @@ class MixMoModule(ClassifierModule):
             raise ValueError(f"model.cutmix_prob={cutmix_prob}; expected a probability in [0, 1]")
         if not 0.0 <= msda_prob <= 1.0:
             raise ValueError(f"model.msda_prob={msda_prob}; expected a probability in [0, 1]")
+        if msda_beta <= 0:
+            raise ValueError(f"model.msda_beta={msda_beta}; expected > 0 (1 in MixMo: lam' ~ Beta(1, 1))")
         if weight_root <= 0:
             raise ValueError(f"model.weight_root={weight_root}; expected > 0 (3 in MixMo, 1 for MIMO)")
         if batch_repetitions < 1:
