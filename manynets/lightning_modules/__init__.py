@@ -8,3 +8,4 @@ from manynets.lightning_modules.superposition import SuperpositionModule
 __all__ = ["ClassifierModule", "MixMoModule", "ProbeModule", "SuperpositionModule"]
 from manynets.lightning_modules.subspaces import SubspaceModule  # noqa: F401
 from manynets.lightning_modules.ensemble import CheckpointEnsembleModule  # noqa: F401
+from manynets.lightning_modules.pinet import PiNetModule  # noqa: F401
