@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
+from manynets.callbacks.feature_kernel import FeatureKernelTransfer
 from manynets.cli import ManynetsCLI
 from manynets.datamodules.digits import DigitsDataModule
 from manynets.layers.pi_finite import FinPiMLP
@@ -60,8 +61,11 @@ def test_fit_grows_state_clip_drops_and_checkpoint_roundtrip(tmp_path):
     data = DigitsDataModule(size=8, channels=1, batch_size=8, augment=False)
     sched = functools.partial(torch.optim.lr_scheduler.MultiStepLR, milestones=[1], gamma=0.15)
     model = tiny_module(lr_scheduler=sched, scheduler_interval="epoch")
-    trainer = tiny_trainer(tmp_path)
+    kernel_data = DigitsDataModule(size=8, channels=1, batch_size=100, augment=False)
+    transfer = FeatureKernelTransfer(kernel_data, regs=[1e-3], every_n_epochs=2, max_train=500)
+    trainer = tiny_trainer(tmp_path, callbacks=[transfer])
     trainer.fit(model, data)
+    assert trainer.callback_metrics["transfer/acc"].item() > 0.3  # ridge on r=6 features of digits (chance 0.1)
     assert model.network.output.num_rows == 6 + 8 * 3 * 2 == model.network.hidden[0].num_rows
     assert model.current_gclip() == pytest.approx(0.4 * 0.15)  # clip follows the lr drop (paper)
     ckpt = tmp_path / "m.ckpt"
@@ -73,6 +77,17 @@ def test_fit_grows_state_clip_drops_and_checkpoint_roundtrip(tmp_path):
     assert fresh.network.output.num_rows == 54
     with torch.no_grad():
         assert torch.equal(fresh.eval()(x), out)
+
+
+def test_finite_fit_projects_and_learns(tmp_path):
+    data = DigitsDataModule(size=8, channels=1, batch_size=16, augment=False)
+    model = tiny_module(width=48, gclip=0.0)
+    w0 = model.network.linears[1].weight.detach().clone()
+    tiny_trainer(tmp_path, epochs=1).fit(model, data)
+    delta = model.network.linears[1].weight.detach() - w0
+    omega = model.network.omega1
+    assert delta.abs().max() > 0
+    assert torch.allclose(omega @ torch.linalg.pinv(omega) @ delta, delta, atol=1e-5)  # updates stay in span(Omega)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
