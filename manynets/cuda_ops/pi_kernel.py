@@ -30,7 +30,6 @@ import sys
 
 import torch
 
-from manynets.layers.pi_math import phi, phi_prime, psi_numerator
 
 DEFAULT_CHUNK = 65536
 
@@ -48,6 +47,8 @@ def pi_forward_chunked(
     gbar: torch.Tensor, s: torch.Tensor, A: torch.Tensor, B: torch.Tensor, Amult: torch.Tensor, chunk_size: int
 ) -> torch.Tensor:
     """``(phi(gbar B^T) * s * Amult) @ A`` streamed over M in chunks; gbar (b, r), s (b,)."""
+    from manynets.layers.pi_math import phi  # lazy: manynets.layers imports this module
+
     _check_chunk(chunk_size)
     dtype = _compute_dtype(gbar)
     gbar, s = gbar.to(dtype), s.to(dtype)
@@ -76,6 +77,8 @@ def pi_backward_chunked(
     delta: torch.Tensor, gbar: torch.Tensor, A: torch.Tensor, B: torch.Tensor, Amult: torch.Tensor, chunk_size: int
 ) -> torch.Tensor:
     """Gradient w.r.t. the layer input g = s * gbar of ``sum(delta * forward)`` (module doc), chunked over M."""
+    from manynets.layers.pi_math import phi_prime, psi_numerator
+
     _check_chunk(chunk_size)
     dtype = _compute_dtype(gbar)
     gbar, delta = gbar.to(dtype), delta.to(dtype)
@@ -128,6 +131,8 @@ def pi_forward_reference(
     gbar: torch.Tensor, s: torch.Tensor, A: torch.Tensor, B: torch.Tensor, Amult: torch.Tensor
 ) -> torch.Tensor:
     """The straightforward unchunked formula (one b x M matrix); differentiable by autograd."""
+    from manynets.layers.pi_math import phi
+
     dtype = _compute_dtype(gbar)
     q = gbar.to(dtype) @ B.to(dtype).T
     return (phi(q) * s.to(dtype)[:, None] * Amult.to(dtype)) @ A.to(dtype)
