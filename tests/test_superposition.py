@@ -218,16 +218,18 @@ def _metrics(csv_path: Path) -> dict[str, float]:
 @pytest.mark.slow
 def test_cli_fit_then_dynamic_test(tmp_path):
     def run(*args):
-        cmd = [sys.executable, "-m", "manynets", *args, "--config", str(QUICKSTART),
+        cmd = [sys.executable, "-m", "manynets", args[0], "--config", str(QUICKSTART), *args[1:],  # config first
                "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}",
                "--model.init_args.backbone.init_args.width=1", "--data.init_args.size=8",
+               "--data.init_args.eval_batch_size=32", "--trainer.limit_test_batches=2",
                "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.init_args.save_dir={tmp_path}",
                f"--trainer.logger.init_args.name={args[0]}"]  # fmt: skip
         out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
         return _metrics(tmp_path / args[0] / "version_0" / "metrics.csv")
 
-    fit = run("fit", "--trainer.max_epochs=2", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1",
+    fit = run("fit", "--trainer.max_epochs=1", "--trainer.check_val_every_n_epoch=1", "--trainer.limit_train_batches=3",
+              "--trainer.limit_val_batches=1", "--trainer.num_sanity_val_steps=0",
               f"--checkpoint.dirpath={tmp_path}/ckpt")  # fmt: skip
     assert {"val/acc", "val/n1/acc", "val/n2/acc", "train/skipped_steps"} <= set(fit)
     test = run("test", f"--ckpt_path={tmp_path}/ckpt/last.ckpt")

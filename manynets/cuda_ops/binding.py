@@ -205,7 +205,7 @@ def _backward(ctx, grad: Tensor):
         grad_x = torch.matmul(stacked.T, grad_rows).view(g, n, c, h, w)
     if ctx.needs_input_grad[1]:
         # A[m, j, t] = sum_(g, p) grad[g, m, p] x[g, j, t, p]; grad_k[j, s] = sum_m A[m, j, (m - s) mod C]
-        a = torch.einsum("gmp,gtp->mt", grad_rows, x.reshape(g, n * c, h * w)).view(c, n, c)
+        a = torch.bmm(grad_rows, x.reshape(g, n * c, h * w).transpose(1, 2)).sum(0).view(c, n, c)
         ar = torch.arange(c, device=x.device)
         diag = (ar[:, None] - ar[None, :]) % c  # (m, s) -> t
         grad_keys = a.permute(1, 0, 2).gather(2, diag.expand(n, c, c)).sum(1).to(keys.dtype)
