@@ -26,7 +26,11 @@ from functools import partial
 
 import torch
 
-from manynets.cuda_ops.binding import grouped_conv1d_bind, hrr_bind_bundle, key_to_conv1d_weight
+from manynets.cuda_ops.binding import (
+    grouped_conv1d_bind,
+    hrr_bind_bundle,
+    key_to_conv1d_weight,
+)
 from manynets.lightning_modules import SuperpositionModule
 from manynets.networks import WideResNet
 

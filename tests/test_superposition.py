@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 import torch.nn.functional as F
+import yaml
 from torch import nn
 
 from manynets.cuda_ops.binding import grouped_conv1d_bind, key_to_conv1d_weight
@@ -224,7 +224,7 @@ def test_cli_fit_then_dynamic_test(tmp_path):
                "--data.init_args.eval_batch_size=32", "--trainer.limit_test_batches=2",
                "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.init_args.save_dir={tmp_path}",
                f"--trainer.logger.init_args.name={args[0]}"]  # fmt: skip
-        out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
         assert out.returncode == 0, out.stderr[-3000:]
         return _metrics(tmp_path / args[0] / "version_0" / "metrics.csv")
 

@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "circulant",
     "circular_convolution",
     "circular_correlation",
-    "circulant",
     "conv1d_weight_to_key",
     "grouped_conv1d_bind",
     "hrr_bind",

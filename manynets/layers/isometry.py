@@ -10,7 +10,7 @@ not to the stem, binding or unbinding: :func:`manynets.networks.isometry_convs`)
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F

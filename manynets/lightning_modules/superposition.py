@@ -41,9 +41,19 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from manynets.layers.binding import HRRBinding, LearnedUnbinding, MBATBinding, SumBinding, check_slots
+from manynets.layers.binding import (
+    HRRBinding,
+    LearnedUnbinding,
+    MBATBinding,
+    SumBinding,
+    check_slots,
+)
 from manynets.layers.isometry import isometry_regularization
-from manynets.lightning_modules.classifier import BackboneFactory, ClassifierModule, classification_metrics
+from manynets.lightning_modules.classifier import (
+    BackboneFactory,
+    ClassifierModule,
+    classification_metrics,
+)
 from manynets.networks.wide_resnet import isometry_convs
 
 _SEAMS = ("stem", "body", "pool", "head", "stem_channels", "feature_dim")
