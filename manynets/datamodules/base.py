@@ -121,7 +121,7 @@ class ImageDataModule(pl.LightningDataModule):
                 self.train_dataset = train_aug
                 self.val_dataset = next(iter(self.test_sets(self.eval_transform()).values()))
             else:
-                perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed)).tolist()
+                perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed), device="cpu").tolist()
                 train_plain = self.train_set(self.eval_transform())
                 self.train_dataset = Subset(train_aug, perm[n_val:])
                 self.val_dataset = Subset(train_plain, perm[:n_val])

@@ -169,7 +169,7 @@ class CIFAR10DataModule(ImageDataModule):
         n = len(targets)
         k = int(n * self.label_noise + 1e-9)  # floor, robust to 0.29 * 100 = 28.999...
         g = torch.Generator().manual_seed(self.label_noise_seed)
-        idx = torch.randperm(n, generator=g)[:k]
+        idx = torch.randperm(n, generator=g, device="cpu")[:k]
         noisy = torch.as_tensor(targets, dtype=torch.int64).clone()
         noisy[idx] = torch.randint(self.num_classes, (k,), generator=g)
         self.noisy_indices = idx.sort().values

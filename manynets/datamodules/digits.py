@@ -72,12 +72,12 @@ class DigitsDataModule(ImageDataModule):
             from sklearn.datasets import load_digits
 
             digits = load_digits()
-            x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
+            x = torch.tensor(digits.images, dtype=torch.float32, device="cpu")[:, None] / 16.0
             x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
             x = (x.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, self.channels, -1, -1)
             self._images = x.contiguous()
-            self._labels = torch.tensor(digits.target, dtype=torch.int64)
-            perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.split_seed))
+            self._labels = torch.tensor(digits.target, dtype=torch.int64, device="cpu")
+            perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.split_seed), device="cpu")
             self._test_idx, self._train_idx = perm[: self.test_size], perm[self.test_size :]
         return self._images, self._labels
 

@@ -152,7 +152,7 @@ class ImageNet32DataModule(ImageDataModule):
             if not 1 <= num_classes_subset <= 1000:
                 raise ValueError(f"data.num_classes_subset must be in 1..1000 (or null), got {num_classes_subset}.")
             g = torch.Generator().manual_seed(subset_seed)
-            self.class_subset = sorted(torch.randperm(1000, generator=g)[:num_classes_subset].tolist())
+            self.class_subset = sorted(torch.randperm(1000, generator=g, device="cpu")[:num_classes_subset].tolist())
             self.num_classes = num_classes_subset
             self._lut = np.full(1000, -1)
             self._lut[self.class_subset] = np.arange(num_classes_subset)

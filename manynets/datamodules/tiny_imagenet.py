@@ -163,10 +163,10 @@ class TinyImageNetDataModule(ImageDataModule):
         if not self.in_memory:
             return ImageFiles(files, labels, size, transform)
         if split not in self._decoded:
-            images = torch.empty((len(files), *self.image_shape), dtype=torch.uint8)
+            images = torch.empty((len(files), *self.image_shape), dtype=torch.uint8, device="cpu")
             for i, path in enumerate(files):
                 images[i] = torch.from_numpy(np.array(load_rgb(path, size))).permute(2, 0, 1)
-            self._decoded[split] = images, torch.tensor(labels, dtype=torch.int64)
+            self._decoded[split] = images, torch.tensor(labels, dtype=torch.int64, device="cpu")
         return UInt8ImageDataset(*self._decoded[split], transform)
 
     def train_set(self, transform) -> Dataset:
