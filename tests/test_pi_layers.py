@@ -256,7 +256,7 @@ def test_finite_twin_follows_infinite_net_on_sine():
     X, Y = torch.stack([x, torch.ones_like(x)], 1), torch.sin(x)[:, None]
     diffs = {250: [], 1000: []}
     for seed in (0, 1):
-        for bs, lr in ((4, 0.1), (32, 0.2), (100, 0.05)):
+        for bs, lr in ((4, 0.1), (32, 0.05)):
             order = torch.randperm(100, generator=torch.Generator().manual_seed(seed))
             inf = InfMLP(2, 1, r=2, depth=2, seed=10 + seed)
             fins = {n: FinPiMLP(2, 1, width=n, infnet=inf, seed=seed) for n in diffs}
