@@ -221,16 +221,19 @@ def test_finite_twin_init_coefficients_converge():
         g.append(layer(g[-1]))
     errors = []
     for n in (250, 4000):
-        fin = FinPiMLP(4, 2, width=n, infnet=inf, seed=3)
-        hs = fin.preactivations(x)
-        assert fin(x).abs().max().item() == 0.0  # readout A = 0 -> both outputs 0
-        err = []
-        for l in range(3):
-            omega = getattr(fin, f"omega{l}")
-            coef = math.sqrt(n) * torch.linalg.lstsq(omega, hs[l].T).solution.T
-            err.append(((coef - g[l]).norm() / g[l].norm()).item())
-        assert err[0] < 1e-4  # the input layer is exact
-        errors.append(err[2])
+        per_seed = []
+        for seed in (3, 4, 5):  # average over Omega draws: one draw's Monte Carlo error fluctuates
+            fin = FinPiMLP(4, 2, width=n, infnet=inf, seed=seed)
+            hs = fin.preactivations(x)
+            assert fin(x).abs().max().item() == 0.0  # readout A = 0 -> both outputs 0
+            err = []
+            for l in range(3):
+                omega = getattr(fin, f"omega{l}")
+                coef = math.sqrt(n) * torch.linalg.lstsq(omega, hs[l].T).solution.T
+                err.append(((coef - g[l]).norm() / g[l].norm()).item())
+            assert err[0] < 1e-4  # the input layer is exact
+            per_seed.append(err[1] + err[2])
+        errors.append(float(np.mean(per_seed)))
     assert errors[1] < errors[0] / 2.5  # ~ n^-1/2: a factor 4 expected for 16x the width
 
 
