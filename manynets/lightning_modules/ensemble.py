@@ -17,10 +17,9 @@ are logged.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from manynets.lightning_modules.classifier import BackboneFactory, ClassifierModule
@@ -51,7 +50,7 @@ class CheckpointEnsembleModule(ClassifierModule):
     Args:
         checkpoints: paths of k >= 1 checkpoints written by ``manynets fit`` with a
             :class:`ClassifierModule` and this ``backbone``.
-        Other arguments: see :class:`ClassifierModule` (only ``backbone`` matters; nothing is trained).
+        kwargs: the other :class:`ClassifierModule` arguments (only ``backbone`` matters; nothing is trained).
     """
 
     def __init__(
@@ -59,19 +58,10 @@ class CheckpointEnsembleModule(ClassifierModule):
         backbone: BackboneFactory,
         num_classes: int = 10,
         image_shape: tuple[int, int, int] = (3, 32, 32),
-        optimizer: OptimizerCallable = torch.optim.AdamW,
-        lr_scheduler: LRSchedulerCallable | None = None,
-        scheduler_interval: Literal["step", "epoch"] | None = None,
-        warmup_steps: int = 0,
-        warmup_epochs: int = 0,
-        no_weight_decay: list[str] | None = None,
-        label_smoothing: float = 0.0,
         checkpoints: list[str] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            backbone, num_classes, image_shape, optimizer, lr_scheduler, scheduler_interval,
-            warmup_steps, warmup_epochs, no_weight_decay, label_smoothing,
-        )  # fmt: skip
+        super().__init__(backbone, num_classes, image_shape, **kwargs)
         if not checkpoints:
             raise ValueError("model.checkpoints is empty; list the .ckpt files of the ensemble members.")
         del self.network

@@ -35,11 +35,10 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from manynets.layers.mixing import (
@@ -116,13 +115,6 @@ class MixMoModule(ClassifierModule):
         backbone: BackboneFactory,
         num_classes: int = 10,
         image_shape: tuple[int, int, int] = (3, 32, 32),
-        optimizer: OptimizerCallable = torch.optim.AdamW,
-        lr_scheduler: LRSchedulerCallable | None = None,
-        scheduler_interval: Literal["step", "epoch"] | None = None,
-        warmup_steps: int = 0,
-        warmup_epochs: int = 0,
-        no_weight_decay: list[str] | None = None,
-        label_smoothing: float = 0.0,
         num_members: int = 2,
         alpha: float = 2.0,
         cutmix_prob: float = 0.5,
@@ -134,6 +126,7 @@ class MixMoModule(ClassifierModule):
         msda_beta: float = 1.0,
         l2_reg: float = 0.0,
         temperature_scaling: Literal["val", "test_halves", "none"] = "val",
+        **kwargs: Any,
     ) -> None:
         if num_members < 1:
             raise ValueError(f"model.num_members={num_members}; expected >= 1 (2 in MixMo)")
@@ -151,14 +144,11 @@ class MixMoModule(ClassifierModule):
             raise ValueError(f"model.proba_input_repetition={proba_input_repetition}; expected [0, 1]")
         if l2_reg < 0:
             raise ValueError(f"model.l2_reg={l2_reg}; expected >= 0")
-        if label_smoothing:
+        if kwargs.get("label_smoothing"):
             raise ValueError(
-                f"model.label_smoothing={label_smoothing}: MixMo trains on soft mixed targets; set it to 0."
+                f"model.label_smoothing={kwargs['label_smoothing']}: MixMo trains on soft mixed targets; set it to 0."
             )
-        super().__init__(
-            backbone, num_classes, image_shape, optimizer, lr_scheduler, scheduler_interval,
-            warmup_steps, warmup_epochs, no_weight_decay, label_smoothing,
-        )  # fmt: skip
+        super().__init__(backbone, num_classes, image_shape, **kwargs)
         for seam in ("stem", "body", "pool", "head"):
             if not isinstance(getattr(self.network, seam, None), nn.Module):
                 raise ValueError(

@@ -32,11 +32,10 @@ The full α sweep, the pair ensembles and the simplex ensembles are the
 from __future__ import annotations
 
 import warnings
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from manynets.layers.subspace import (
     Kind,
@@ -78,13 +77,6 @@ class SubspaceModule(ClassifierModule):
         backbone: BackboneFactory,
         num_classes: int = 10,
         image_shape: tuple[int, int, int] = (3, 32, 32),
-        optimizer: OptimizerCallable = torch.optim.AdamW,
-        lr_scheduler: LRSchedulerCallable | None = None,
-        scheduler_interval: Literal["step", "epoch"] | None = None,
-        warmup_steps: int = 0,
-        warmup_epochs: int = 0,
-        no_weight_decay: list[str] | None = None,
-        label_smoothing: float = 0.0,
         kind: Kind = "line",
         num_vertices: int | None = None,
         layerwise: bool = False,
@@ -94,6 +86,7 @@ class SubspaceModule(ClassifierModule):
         recompute_bn_every_n_epochs: int = 0,
         test_recompute_bn: bool = True,
         bn_batches: int | None = None,
+        **kwargs: Any,
     ) -> None:
         if kind != "simplex" and num_vertices is not None:
             raise ValueError(f"model.num_vertices={num_vertices} is only for kind: simplex (kind is {kind!r}).")
@@ -107,10 +100,7 @@ class SubspaceModule(ClassifierModule):
                 f"model.recompute_bn_every_n_epochs={recompute_bn_every_n_epochs}, bn_batches={bn_batches}; "
                 "expected >= 0 and None or >= 1."
             )
-        super().__init__(
-            backbone, num_classes, image_shape, optimizer, lr_scheduler, scheduler_interval,
-            warmup_steps, warmup_epochs, no_weight_decay, label_smoothing,
-        )  # fmt: skip
+        super().__init__(backbone, num_classes, image_shape, **kwargs)
         self.kind, self.num_vertices, self.num_sets = kind, num_vertices, num_sets
         sources = None
         if init == "backbone":

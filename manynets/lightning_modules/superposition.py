@@ -34,11 +34,11 @@ Official-code differences (documented in the configs too):
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
 from manynets.layers.binding import (
@@ -103,12 +103,6 @@ class SuperpositionModule(ClassifierModule):
         num_classes: int = 10,
         image_shape: tuple[int, int, int] = (3, 32, 32),
         optimizer: OptimizerCallable = torch.optim.SGD,
-        lr_scheduler: LRSchedulerCallable | None = None,
-        scheduler_interval: Literal["step", "epoch"] | None = None,
-        warmup_steps: int = 0,
-        warmup_epochs: int = 0,
-        no_weight_decay: list[str] | None = None,
-        label_smoothing: float = 0.0,
         capacity: int = 1,
         binding: Literal["none", "hrr", "mbat"] = "hrr",
         trainable_keys: bool = True,
@@ -118,6 +112,7 @@ class SuperpositionModule(ClassifierModule):
         sup_low: int | None = None,
         sup_frequency: float = 1.0,
         eval_n: list[int] | None = None,
+        **kwargs: Any,
     ) -> None:
         if capacity < 1:
             raise ValueError(f"model.capacity={capacity}; expected the number of slots N >= 1.")
@@ -135,10 +130,7 @@ class SuperpositionModule(ClassifierModule):
                                  f"use values from {divisors(capacity)}.")
         if mixup_alpha < 0:
             raise ValueError(f"model.mixup_alpha={mixup_alpha}; expected >= 0 (0 disables mixup).")
-        super().__init__(
-            backbone, num_classes, image_shape, optimizer, lr_scheduler, scheduler_interval,
-            warmup_steps, warmup_epochs, no_weight_decay, label_smoothing,
-        )
+        super().__init__(backbone, num_classes, image_shape, optimizer, **kwargs)
         missing = [s for s in _SEAMS if not hasattr(self.network, s)]
         if missing:
             raise ValueError(
