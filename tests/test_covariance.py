@@ -90,6 +90,19 @@ def test_streaming_equals_numpy_cov_of_concatenation():
     np.testing.assert_allclose(cov32.covariance().numpy(), np.cov(all_rows, rowvar=False, bias=True), rtol=1e-4, atol=1e-3)
 
 
+def test_float32_products_are_centred_per_batch():
+    """A large mean next to a small spread: uncentred float32 products would cancel catastrophically."""
+    rng = np.random.default_rng(2)
+    chunks = [(rng.normal(size=(n, 4)) * [0.01, 0.02, 0.03, 0.04] + 1000).astype(np.float32) for n in (64, 7, 300)]
+    cov32 = StreamingCovariance(4, matmul_dtype=torch.float32)
+    for c in chunks:
+        cov32.update(torch.from_numpy(c))
+    all_rows = np.concatenate(chunks).astype(np.float64)
+    expected = np.cov(all_rows, rowvar=False, bias=True)
+    np.testing.assert_allclose(cov32.covariance().numpy(), expected, rtol=1e-3, atol=1e-8)
+    np.testing.assert_allclose(cov32.mean().numpy(), all_rows.mean(0), rtol=1e-12)
+
+
 def test_channelwise_conv_equals_reshape():
     x = torch.randn(3, 5, 4, 6)
     samples = layer_samples(x)

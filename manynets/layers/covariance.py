@@ -60,7 +60,9 @@ class StreamingCovariance:
 
     One ``addmm`` per update, on the samples' device, with no host synchronisation (``n`` is a
     Python int taken from the shape). ``matmul_dtype=torch.float32`` forms each batch's product in
-    float32 (faster on GPUs without fast float64) and still accumulates in float64.
+    float32 (about 2x faster on CPUs and on GPUs without fast float64) on the batch-centred samples,
+    ``S += X_c^T X_c + n_b mu_b mu_b^T`` with the mean term in float64, so the float32 product never
+    carries the large uncentred mean (no cancellation); the sums are still accumulated in float64.
     """
 
     def __init__(self, dim: int, device: torch.device | str | None = None, matmul_dtype: torch.dtype = torch.float64):
@@ -78,9 +80,14 @@ class StreamingCovariance:
         x = samples.detach().to(self.matmul_dtype)
         if self.matmul_dtype == torch.float64:
             self.sum_outer.addmm_(x.T, x)
+            self.sum += x.sum(0)
         else:
-            self.sum_outer += (x.T @ x).double()
-        self.sum += x.sum(0, dtype=torch.float64)
+            batch_sum = x.sum(0, dtype=torch.float64)
+            mu = batch_sum / x.shape[0]
+            centred = x - mu.to(x.dtype)
+            self.sum_outer += (centred.T @ centred).double()
+            self.sum_outer.addr_(mu, batch_sum)  # + n_b mu_b mu_b^T
+            self.sum += batch_sum
         self.n += samples.shape[0]
 
     def reset(self) -> None:
