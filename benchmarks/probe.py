@@ -90,6 +90,46 @@ def saturation_table(batches: int, rounds: int, device: str, tmp: str) -> list[t
     return rows
 
 
+def paired_step_overhead(pairs: int, device: str) -> dict[str, float]:
+    """Median over alternating step pairs of (tracked step time / untracked step time), one model.
+
+    The Saturation hooks record only while their mode is set, so the same model and optimizer alternate
+    between tracked and untracked steps: machine drift cancels within each pair.
+    """
+    torch.manual_seed(0)
+    net = ResNet(10).to(device)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    x, y = torch.randn(64, 3, 32, 32, device=device), torch.randint(0, 10, (64,), device=device)
+    ratios = {}
+    for dtype in ("float64", "float32"):
+        sat = Saturation(modes=["train"], matmul_dtype=dtype, plot=False)
+        handles = [m.register_forward_hook(sat._make_hook(n)) for n, m in select_layers(net).items()]
+
+        def step(tracked: bool) -> float:
+            sat._mode = "train" if tracked else None
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+            sat.flush()  # what the callback does at the batch end
+            if device == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter() - start
+
+        for _ in range(3):
+            step(True), step(False)
+        pair = []
+        for i in range(pairs):  # alternate the order within pairs too
+            a, b = (step(True), step(False)) if i % 2 == 0 else reversed((step(False), step(True)))
+            pair.append(a / b)
+        ratios[dtype] = statistics.median(pair)
+        for h in handles:
+            h.remove()
+    return ratios
+
+
 def probe_table(epochs: int, device: str, tmp: str) -> list[tuple[str, float, float]]:
     from manynets.datamodules.digits import DigitsDataModule
     from manynets.layers.probes import extract_features, sklearn_probe_accuracies
@@ -130,6 +170,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", type=int, default=24, help="training batches of 64 per timed epoch")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--pairs", type=int, default=30, help="alternating tracked/untracked step pairs")
     parser.add_argument("--probe-epochs", type=int, default=10)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--skip", choices=["saturation", "probes"], default=None)
@@ -147,6 +188,9 @@ def main() -> None:
             print(f"{name:32s} {ms:8.1f} {step_ratio:6.3f} {end:6.2f} {short:6.3f} {cifar:15.3f}")
         print(f"steps, epoch: ratios to no callback over the timed {args.batches}-batch epoch; CIFAR-10 epoch: "
               f"per-step times scaled to {CIFAR10_BATCHES} batches + the measured epoch end")
+        paired = paired_step_overhead(args.pairs, args.device)
+        print(f"tracked / untracked step, median of {args.pairs} alternating pairs on one model: "
+              + ", ".join(f"{k} {v:.3f}" for k, v in paired.items()))
     if args.skip != "probes":
         print("\nProbes on digits, VGG-11/4, all Conv2d/Linear layers, conv maps pooled to 4x4, C = 1")
         rows = probe_table(args.probe_epochs, args.device, tmp)

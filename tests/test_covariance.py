@@ -94,13 +94,21 @@ def test_float32_products_are_centred_per_batch():
     """A large mean next to a small spread: uncentred float32 products would cancel catastrophically."""
     rng = np.random.default_rng(2)
     chunks = [(rng.normal(size=(n, 4)) * [0.01, 0.02, 0.03, 0.04] + 1000).astype(np.float32) for n in (64, 7, 300)]
-    cov32 = StreamingCovariance(4, matmul_dtype=torch.float32)
-    for c in chunks:
-        cov32.update(torch.from_numpy(c))
     all_rows = np.concatenate(chunks).astype(np.float64)
     expected = np.cov(all_rows, rowvar=False, bias=True)
-    np.testing.assert_allclose(cov32.covariance().numpy(), expected, rtol=1e-3, atol=1e-8)
-    np.testing.assert_allclose(cov32.mean().numpy(), all_rows.mean(0), rtol=1e-12)
+    for fold_every in (256, 2):  # folded only when read / also in between batches
+        cov32 = StreamingCovariance(4, matmul_dtype=torch.float32)
+        cov32.FOLD_EVERY = fold_every
+        for c in chunks:
+            cov32.update(torch.from_numpy(c))
+        np.testing.assert_allclose(cov32.covariance().numpy(), expected, rtol=1e-3, atol=1e-8)
+        np.testing.assert_allclose(cov32.mean().numpy(), all_rows.mean(0), rtol=1e-12)
+        assert cov32.n == len(all_rows)
+        cov32.reset()
+        cov32.update(torch.from_numpy(chunks[0]))
+        np.testing.assert_allclose(
+            cov32.covariance().numpy(), np.cov(chunks[0].astype(np.float64), rowvar=False, bias=True), rtol=1e-3, atol=1e-8
+        )
 
 
 def test_channelwise_conv_equals_reshape():

