@@ -1,7 +1,7 @@
 """Subspaces benchmark: cost of training a line, and of the 21-point sweep's BN statistics.
 
 1. One training step (forward, CE (+ beta cos^2), backward, SGD step) of a line of cResNet-20s
-   against the plain cResNet-20, batch 128, 32x32 (official overhead: 1.08x).
+   against the plain cResNet-20, batch 128, 32x32: median ratio of alternating step pairs (official overhead: 1.08x).
 2. The BN statistics + test logits of 21 points (alpha = 0, 0.05, ..., 1): one pass over the
    training data per point (official ``update_bn``, 21 passes; the official sweep does 42) against
    ONE pass with the points packed ``points_per_pass`` at a time (``collect_bn_statistics``), with
@@ -64,11 +64,24 @@ def bench_training_step(device, batch: int, warmup: int, iters: int) -> list[tup
         line.training_loss(x, y)[0].backward()
         opt_line.step()
 
-    rows = []
-    for _ in range(2):  # interleave to spread machine noise
-        rows += [("plain", time_steps(step_plain, device, warmup, iters)), ("line", time_steps(step_line, device, warmup, iters))]
-    best = {name: min(t for n, t in rows if n == name) for name in ("plain", "line")}
-    return [("train step: plain cResNet-20", best["plain"]), ("train step: line (beta=1)", best["line"])]
+    def timed(step) -> float:
+        sync(device)
+        start = time.perf_counter()
+        step()
+        sync(device)
+        return time.perf_counter() - start
+
+    for _ in range(warmup):
+        step_plain(), step_line()
+    plain_t, line_t, ratios = [], [], []
+    for i in range(2 * iters):  # alternating pairs, the order swapped every pair (ABBA): drift cancels
+        a, b = (timed(step_plain), timed(step_line)) if i % 2 == 0 else reversed((timed(step_line), timed(step_plain)))
+        plain_t.append(a)
+        line_t.append(b)
+        ratios.append(b / a)
+    ratio = statistics.median(ratios)
+    plain_median = statistics.median(plain_t)
+    return [("train step: plain cResNet-20", plain_median), ("train step: line (beta=1)", plain_median * ratio)]
 
 
 def bench_sweep(device, train_batches: int, batch: int, points_per_pass: list[int]) -> None:
