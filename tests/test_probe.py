@@ -45,6 +45,36 @@ def test_features_and_probe_shapes():
     torch.testing.assert_close(probe.loss(logits, labels, 0.1), direct)
 
 
+def test_probe_matmul_gradients():
+    from manynets.layers.probes import _ProbeMatmul
+
+    x = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 7, 4, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(_ProbeMatmul.apply(x, w), torch.einsum("pbf,pfk->pbk", x, w))
+    assert torch.autograd.gradcheck(_ProbeMatmul.apply, (x, w))
+
+
+def test_lbfgs_fit_reaches_the_sklearn_optimum():
+    """Full-batch L-BFGS on standardised features = scikit-learn's LogisticRegression(C, lbfgs)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from manynets.layers.probes import fit_probe_lbfgs
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 2, 6, generator=g, dtype=torch.float64) * torch.arange(1, 7) + 3  # 2 probes, 6 features
+    labels = (x[:, 0, :3].sum(1) + 0.5 * torch.randn(300, generator=g, dtype=torch.float64) > 6).long()
+    labels = labels + (x[:, 1, 5] > 8).long()  # 3 classes
+    probe = LinearProbe(2, 6, 3)
+    fit_probe_lbfgs(probe, x, labels, C=0.5, max_iter=1000)
+    with torch.no_grad():
+        ours = probe.eval()(x.float()).softmax(-1)
+    for p in range(2):
+        feats = StandardScaler().fit_transform(x[:, p].numpy())
+        ref = LogisticRegression(C=0.5, max_iter=5000, tol=1e-10).fit(feats, labels.numpy())
+        torch.testing.assert_close(ours[:, p].double(), torch.from_numpy(ref.predict_proba(feats)), atol=2e-4, rtol=0)
+
+
 def test_probes_agree_with_sklearn_on_digits(tmp_path):
     import lightning.pytorch as pl
 
@@ -71,6 +101,29 @@ def test_probes_agree_with_sklearn_on_digits(tmp_path):
     lines = (tmp_path / "probes.csv").read_text().splitlines()
     assert lines[0].startswith("layer,") and "ref_test_acc" in lines[0] and len(lines) == 3
     assert (tmp_path / "probes.png").is_file()
+
+
+def test_lbfgs_probes_in_one_epoch_match_sklearn(tmp_path):
+    """solver=lbfgs: one backbone pass, probes fitted before the epoch's validation, = sklearn's optimum."""
+    import lightning.pytorch as pl
+
+    from manynets.datamodules.digits import DigitsDataModule
+    from manynets.lightning_modules.probe import ProbeModule
+
+    # 1257 training images = 3 x 419: the (drop_last) training loader and the reference see the same images
+    dm = DigitsDataModule(size=8, channels=1, augment=False, batch_size=419, eval_batch_size=512)
+    module = ProbeModule(backbone=Tiny, num_classes=10, image_shape=(1, 8, 8), layers="stem|body", C=0.05,
+                         sklearn_reference=True, solver="lbfgs", dirpath=str(tmp_path))  # fmt: skip
+    trainer = pl.Trainer(max_epochs=1, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(module, dm)
+    trainer.test(module, dm, verbose=False)
+    for name, row in module.results.items():
+        assert row["val_acc"] > 0.9, (name, row)  # fitted before validation ran
+        assert abs(row["test_acc"] - row["ref_test_acc"]) <= 0.005, (name, row)
+        assert abs(row["train_acc"] - row["ref_train_acc"]) <= 0.005, (name, row)
+    with pytest.raises(ValueError, match="solver"):
+        ProbeModule(backbone=Tiny, image_shape=(1, 8, 8), solver="newton")
 
 
 def test_probe_errors(tmp_path):

@@ -38,6 +38,27 @@ def probe_features(output: torch.Tensor, pool_size: int | None = 4, pixelwise: b
     return output[:, None]
 
 
+class _ProbeMatmul(torch.autograd.Function):
+    """``X W`` per probe, (P, B, F) x (P, F, K) -> (P, B, K), with both GEMMs in the fast orientation.
+
+    With K = classes << F, BLAS computes ``(W^T X^T)^T`` and the weight gradient ``(G^T X)^T`` several
+    times faster than ``X W`` and ``X^T G`` (measured 12x for the gradient at B 1257, F 2048, K 10 on
+    a 2-core CPU with MKL).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return torch.bmm(weight.transpose(1, 2), x.transpose(1, 2)).transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad_x = torch.bmm(grad, weight.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+        grad_w = torch.bmm(grad.transpose(1, 2), x).transpose(1, 2) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w
+
+
 class LinearProbe(nn.Module):
     """``num_probes`` independent multinomial logistic regressions on ``num_features`` standardised features."""
 
@@ -53,14 +74,58 @@ class LinearProbe(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(B, P, F) -> logits (B, P, K)."""
         b = features.shape[0]
-        x = self.scaler(features.float().reshape(b, -1)).view(b, self.num_probes, self.num_features)
-        return torch.einsum("bpf,pfk->bpk", x, self.weight) + self.bias
+        return self.linear(self.scaler(features.float().reshape(b, -1)).view(b, self.num_probes, self.num_features))
+
+    def linear(self, standardized: torch.Tensor) -> torch.Tensor:
+        """(B, P, F) already standardised features -> logits (B, P, K).
+
+        One batched GEMM over probes (:class:`_ProbeMatmul`) on a contiguous (P, B, F) copy.
+        """
+        x = standardized.transpose(0, 1).contiguous()
+        return (_ProbeMatmul.apply(x, self.weight) + self.bias[:, None, :]).transpose(0, 1)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, l2: float) -> torch.Tensor:
         """Sum over probes of mean cross-entropy + ``l2 / 2 * ||W_p||^2`` (``l2 = 1 / (C N)``)."""
         p = logits.shape[1]
         ce = F.cross_entropy(logits.permute(0, 2, 1), labels[:, None].expand(-1, p), reduction="none")
         return ce.mean(0).sum() + 0.5 * l2 * self.weight.square().sum()
+
+
+def fit_probe_lbfgs(
+    probe: LinearProbe, features: torch.Tensor, labels: torch.Tensor, C: float, max_iter: int = 100
+) -> int:
+    """Fit ``probe`` exactly on in-memory features (B, P, F): full-batch L-BFGS on its objective.
+
+    The scaler is set to the features' mean and biased variance (scikit-learn's ``StandardScaler``),
+    then weight and bias minimise ``mean CE + ||W||^2 / (2 C N)`` with a strong-Wolfe L-BFGS,
+    i.e. scikit-learn's ``LogisticRegression(C=C, solver='lbfgs')`` objective divided by C N, all P
+    probes at once (their losses are separable). Returns the number of iterations run.
+    """
+    x = features.float()
+    n = x.shape[0]
+    if isinstance(probe.scaler, nn.BatchNorm1d):
+        flat = x.reshape(n, -1)
+        probe.scaler.running_mean.copy_(flat.mean(0))
+        probe.scaler.running_var.copy_(flat.var(0, unbiased=False))
+        probe.scaler.num_batches_tracked.fill_(1)
+    was_training = probe.training
+    probe.eval()  # the scaler uses the statistics just set
+    with torch.no_grad():  # standardise once, not at every function evaluation
+        standardized = probe.scaler(x.reshape(n, -1)).view_as(x).contiguous()
+    l2 = 1.0 / (C * n)
+    optimizer = torch.optim.LBFGS([probe.weight, probe.bias], lr=1.0, max_iter=max_iter, history_size=20,
+                                  tolerance_grad=1e-6, tolerance_change=1e-10, line_search_fn="strong_wolfe")  # fmt: skip
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = probe.loss(probe.linear(standardized), labels, l2)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    probe.train(was_training)
+    return int(optimizer.state[optimizer._params[0]].get("n_iter", 0))
 
 
 class ProbeAccuracy(Metric):
