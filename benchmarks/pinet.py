@@ -10,7 +10,7 @@ Every layer is first grown to M rows, then a few training steps (forward, backwa
 
 Step time is the minimum over the timed steps (robust to other load on the machine). Each case runs in its own subprocess so its peak RSS (``ru_maxrss``) is its own; "extra" is the peak minus
 the RSS after the state was allocated. Official numbers (GPU): 6 / 21 / 165 ms per step at 1e3 / 1e4 / 1e5.
-Usage: ``python benchmarks/pinet.py [--rows 1e3 1e4 1e5 1e6] [--steps 3] [--chunk 65536] [--threads 1] [--ram-gib 24]``.
+Usage: ``python benchmarks/pinet.py [--rows 1e3 1e4 1e5 1e6] [--steps 3] [--chunk 16384] [--threads 1] [--ram-gib 24]``.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=float, nargs="+", default=[1e3, 1e4, 1e5, 1e6])
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--chunk", type=int, default=65536)
+    parser.add_argument("--chunk", type=int, default=16384, help="rows per chunk (the library default)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids OpenMP barrier costs on a shared box)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--ram-gib", type=float, default=24.0, help="RAM for the out-of-memory extrapolation")

@@ -31,7 +31,10 @@ import sys
 import torch
 
 
-DEFAULT_CHUNK = 65536
+DEFAULT_CHUNK = 16384
+"""Rows per chunk. 16384 keeps a chunk's (batch x chunk) working set in cache on a CPU: measured 2.5x
+faster than the straightforward formulation at M = 1e5 and 1e6 rows, against 1.4x at 1e5 with 65536
+(``benchmarks/pinet.py``, 2-core CPU, 1 thread). On a GPU larger chunks may pay (untimed here)."""
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
