@@ -9,9 +9,9 @@ multinomial logistic regression with scikit-learn's L2 objective) — **all prob
 over the data, on the fly, no activations on disk. ``solver: sgd`` (default) streams the probes'
 training over the epochs (any data size, DDP); ``solver: lbfgs`` keeps one epoch's pooled features in
 memory and fits every probe exactly by full-batch L-BFGS (scikit-learn's optimum; 10x faster than
-PHD-LAB's extract-to-disk + saga on digits, ``benchmarks/probe.py``). Train/val/test probe accuracies are logged as
-``probe/{split}/{layer}`` and written to ``probes.csv`` (one row per layer / position) with a plot
-``probes.png``. ``val/acc`` etc. remain the frozen backbone's own metrics.
+PHD-LAB's extract-to-disk + saga on digits, ``benchmarks/probe.py``). Train/val/test probe
+accuracies are logged as ``probe/{split}/{layer}`` and written to ``probes.csv`` (one row per layer /
+position) with a plot ``probes.png``. ``val/acc`` etc. remain the frozen backbone's own metrics.
 
 Decisions where the official code differs: the backbone stays in eval mode for the training split too
 (PHD-LAB extracts training latents with ``model.train()``, i.e. batch statistics and dropout); the
