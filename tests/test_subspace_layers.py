@@ -28,13 +28,7 @@ from manynets.layers.subspace_bn import (
 from manynets.networks import MLP, CifarResNet
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these tiny convs are much faster without OpenMP contention on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_resnet(**kw):

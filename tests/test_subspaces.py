@@ -27,13 +27,7 @@ CONFIGS = sorted((REPO / "configs" / "subspaces").glob("*.yaml"))
 SMALL = partial(CifarResNet, depth=8, width=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these tiny convs are much faster without OpenMP contention on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(kind="line", **kw):

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
-from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
 from manynets.metrics import BrierScore, Disagreement, NegativeLogLikelihood
@@ -183,14 +183,20 @@ class ClassifierModule(pl.LightningModule):
                 member.update(logits, labels)
             metrics["disagreement"].update(member_logits)
 
+    def extra_test_metrics(self, index: int) -> dict[str, torch.Tensor]:
+        """A method's own test metrics of test set ``index``; logged beside the shared ones (and averaged
+        over the shifted sets as ``test/mean/...``)."""
+        return {}
+
     def on_test_epoch_end(self) -> None:
         results: dict[str, dict[str, torch.Tensor]] = {}
-        for name, metrics in zip(self.test_set_names, self.test_metrics):
+        for i, (name, metrics) in enumerate(zip(self.test_set_names, self.test_metrics)):
             values = dict(metrics["ensemble"].compute())
             for k, member in enumerate(metrics["members"]):
                 values[f"member{k}/acc"] = member.compute()
             if len(metrics["members"]):
                 values["ens_disagreement"] = metrics["disagreement"].compute()
+            values.update(self.extra_test_metrics(i))
             results[name] = values
         single = len(results) == 1
         for name, values in results.items():

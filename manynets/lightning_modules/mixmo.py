@@ -289,30 +289,23 @@ class MixMoModule(ClassifierModule):
         elif self.hparams.temperature_scaling == "val":
             self.ts_metrics[dataloader_idx].update(ensemble / self.temperature, labels)
 
-    def on_test_epoch_end(self) -> None:
+    def extra_test_metrics(self, index: int) -> dict[str, torch.Tensor]:
+        """Diversity and temperature-scaled metrics of test set ``index`` (logged by the base class)."""
+        values: dict[str, torch.Tensor] = {}
+        if self.num_members > 1:
+            values["ratio_errors"] = self.ratio_errors[index].compute()
         mode = self.hparams.temperature_scaling
-        results: dict[str, dict[str, torch.Tensor]] = {}
-        for i, name in enumerate(self.test_set_names):
-            values: dict[str, torch.Tensor] = {}
-            if self.num_members > 1:
-                values["ratio_errors"] = self.ratio_errors[i].compute()
-            if mode == "val":
-                values.update({f"ts/{k}": v for k, v in self.ts_metrics[i].compute().items()})
-                values["temperature"] = torch.tensor(self.temperature)
-            elif mode == "test_halves" and self._collected[i]:
-                values.update(self._cross_fit(i))
-            results[name] = values
-        single = len(results) == 1
-        for name, values in results.items():
-            prefix = "test/" if single else f"test/{name}/"
-            self.log_dict({prefix + k: v for k, v in values.items()})
-        shifted = [v for n, v in results.items() if n != "clean"]
-        if not single and shifted and shifted[0]:
-            for key in shifted[0]:
-                self.log(f"test/mean/{key}", torch.stack([v[key] for v in shifted]).mean())
+        if mode == "val":
+            values.update({f"ts/{k}": v for k, v in self.ts_metrics[index].compute().items()})
+            values["temperature"] = torch.tensor(self.temperature)
+        elif mode == "test_halves" and self._collected[index]:
+            values.update(self._cross_fit(index))
+        return values
+
+    def on_test_epoch_end(self) -> None:
+        super().on_test_epoch_end()
         for collection in (*self.ts_metrics, *self.ratio_errors):
             collection.reset()
-        super().on_test_epoch_end()
 
     def _cross_fit(self, i: int) -> dict[str, torch.Tensor]:
         """Official ``--tempscale``: fit on one test half, evaluate on the other, average both ways."""

@@ -251,14 +251,16 @@ class SuperpositionModule(ClassifierModule):
             if n == self.capacity:
                 self.test_metrics[dataloader_idx]["ensemble"].update(logits, y)
 
+    def extra_test_metrics(self, index: int) -> dict[str, torch.Tensor]:
+        """``n{n}/{acc,nll,ece,brier}`` of test set ``index`` at every tested n (logged by the base class)."""
+        values = {}
+        for n, metrics in self.test_n_metrics[index].items():
+            values.update({f"n{n}/{k}": v for k, v in metrics.compute().items()})
+            metrics.reset()
+        return values
+
     def on_test_epoch_end(self) -> None:
         super().on_test_epoch_end()
-        single = len(self.test_set_names) == 1
-        for name, per_n in zip(self.test_set_names, self.test_n_metrics):
-            prefix = "test/" if single else f"test/{name}/"
-            for n, metrics in per_n.items():
-                self.log_dict({f"{prefix}n{n}/{k}": v for k, v in metrics.compute().items()})
-                metrics.reset()
         for n, (count, seconds) in self._throughput.items():
             if seconds > 0:
                 self.log(f"test/n{n}/images_per_s", count / seconds)
