@@ -21,9 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 
-
-class DataError(RuntimeError):
-    """A data set is missing or malformed; the message names the path, the expected layout and the fix."""
+from manynets.errors import DataError
 
 
 class ImageDataModule(pl.LightningDataModule):

@@ -29,6 +29,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
+from manynets.errors import CheckpointMismatchError, NonFiniteError
 from manynets.metrics import BrierScore, Disagreement, NegativeLogLikelihood
 
 BackboneFactory = Callable[[int, tuple[int, int, int]], nn.Module]
@@ -51,12 +52,7 @@ def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
     )
 
 
-class CheckpointMismatchError(ValueError):
-    """A checkpoint does not fit the model the config builds (another model class or backbone)."""
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite."""
+NonFiniteLossError = NonFiniteError  # the name used before the errors module existed
 
 
 class ClassifierModule(pl.LightningModule):
