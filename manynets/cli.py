@@ -1,36 +1,53 @@
 """The ``manynets`` command: Lightning's CLI over our modules and data modules.
 
 ``manynets fit --config configs/quickstart/digits.yaml`` then
-``manynets test --config configs/quickstart/digits.yaml --ckpt_path <ckpt>``.
+``manynets test --config configs/quickstart/digits.yaml --ckpt_path <run>/checkpoints/last.ckpt``.
 Subcommands ``fit / validate / test / predict``; ``--config`` repeats; ``--print_config``.
 ``model`` and ``data`` take any subclass of :class:`ClassifierModule` / :class:`ImageDataModule`
 by class path (short names work for the classes manynets ships). ``data.num_classes`` and
 ``data.image_shape`` are linked into the model. A ``checkpoint`` group configures
-ModelCheckpoint (last + best by ``val/acc`` by default).
+:class:`~manynets.callbacks.RunCheckpoint` (``last.ckpt`` always the newest state + best by ``val/acc``).
+
+A run lives in its run directory, ``trainer.default_root_dir``: logs, ``config.yaml`` and
+``checkpoints/`` (unless ``checkpoint.dirpath`` is given). ``fit`` refuses a checkpoint directory
+that already holds checkpoints unless it resumes (``--ckpt_path last``) or ``--overwrite=true``;
+``validate/test/predict`` refuse to evaluate initial weights unless ``--ckpt_path`` is given or
+``--allow_untrained=true``. Every expected error is one ``manynets: error: ...`` line and exit
+status 2; ``MANYNETS_DEBUG=1`` shows the traceback.
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib
+import os
 import sys
+import uuid
+import warnings
 from pathlib import Path
 
 import torch
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.fabric.utilities.rank_zero import _get_rank
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 
 import manynets.callbacks  # noqa: F401  (short class names in configs)
 import manynets.datamodules  # noqa: F401
 import manynets.lightning_modules  # noqa: F401
 import manynets.networks  # noqa: F401
-from manynets.datamodules.base import DataError, ImageDataModule
-from manynets.lightning_modules.classifier import CheckpointMismatchError, ClassifierModule
+from manynets.callbacks.run_checkpoint import RunCheckpoint
+from manynets.datamodules.base import ImageDataModule
+from manynets.errors import CheckpointMismatchError, ConfigError, ManynetsError, RunDirectoryError
+from manynets.lightning_modules.classifier import ClassifierModule
+from manynets.stacked_configs import check_config_files, reset_replaced_classes
 
 _PROGRESS_BARS = ("RichProgressBar", "TQDMProgressBar")
+DEBUG_ENV = "MANYNETS_DEBUG"
 
 
 class ManynetsCLI(LightningCLI):
-    """LightningCLI with manynets defaults: seed 0, linked data shapes, checkpointing, LR monitor."""
+    """LightningCLI with manynets defaults: seed 0, linked data shapes, run directory, checkpoint checks."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("model_class", ClassifierModule)
@@ -40,13 +57,13 @@ class ManynetsCLI(LightningCLI):
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
-        kwargs.setdefault("parser_kwargs", {"prog": "manynets"})
+        kwargs.setdefault("parser_kwargs", {"prog": "manynets", "exit_on_error": False, "allow_abbrev": False})
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.image_shape", "model.init_args.image_shape", apply_on="instantiate")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/acc",
@@ -54,34 +71,62 @@ class ManynetsCLI(LightningCLI):
                 "checkpoint.save_last": True,
                 "checkpoint.filename": "epoch{epoch:03d}-acc{val/acc:.4f}",
                 "checkpoint.auto_insert_metric_name": False,
+                "checkpoint.enable_version_counter": False,
             }
         )
+        parser.add_argument(
+            "--overwrite", type=bool, default=False,
+            help="fit: start a new run even though the checkpoint directory holds checkpoints (they are deleted).",
+        )
+        parser.add_argument(
+            "--allow_untrained", type=bool, default=False,
+            help="validate/test/predict: evaluate the initial weights on purpose (no --ckpt_path).",
+        )
 
+    # -- before anything is built -------------------------------------------------------
     def _parse_ckpt_path(self) -> None:
-        """Check --ckpt_path before Lightning restores the model's hyper-parameters from it."""
+        """Settle the run directory and the checkpoint before Lightning restores hyper-parameters from it."""
         sub = self.config.get("subcommand")
-        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
-        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and not Path(ckpt_path).is_file():
-            raise CheckpointMismatchError(
-                f"--ckpt_path '{ckpt_path}' is not a file. Give the path of a .ckpt written by "
-                "`manynets fit` (see checkpoint.dirpath, by default <log_dir>/checkpoints/)."
-            )
-        if ckpt_path and Path(ckpt_path).is_file():
-            try:
-                ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu")
-            except Exception as err:
-                raise CheckpointMismatchError(
-                    f"--ckpt_path '{ckpt_path}' cannot be read as a Lightning checkpoint ({err}). "
-                    "It may be truncated or not a checkpoint; use a .ckpt written by `manynets fit`."
-                ) from err
-            saved = ckpt.get("hyper_parameters", {}).get("_class_path")
-            wanted = self.config[sub].model.get("class_path")
-            if saved and wanted and saved.rsplit(".", 1)[-1] != wanted.rsplit(".", 1)[-1]:
-                raise CheckpointMismatchError(
-                    f"--ckpt_path '{ckpt_path}' was saved by {saved}, but the config builds {wanted}. "
-                    "Use the config the checkpoint was trained with (config.yaml in its log directory)."
-                )
+        if sub:
+            self._prepare_run(sub, self.config[sub])
         super()._parse_ckpt_path()
+
+    def _prepare_run(self, sub: str, cfg: Namespace) -> None:
+        root = Path(cfg.trainer.default_root_dir or os.getcwd()).expanduser()
+        if cfg.checkpoint.dirpath is None:
+            cfg.checkpoint.dirpath = str(root / "checkpoints")
+        ckpt_dir = Path(cfg.checkpoint.dirpath).expanduser()
+        _require_writable(root, "trainer.default_root_dir")
+        if sub == "fit":
+            _require_writable(ckpt_dir, "checkpoint.dirpath")
+        if cfg.trainer.get("sync_batchnorm") and not torch.cuda.is_available() and not cfg.trainer.get("plugins"):
+            raise ConfigError(
+                "trainer.sync_batchnorm = true needs CUDA devices (torch.nn.SyncBatchNorm is GPU-only) and none is "
+                "available. Drop it on CPU, or give a SyncBatchNorm plugin that runs on CPU with --trainer.plugins."
+            )
+        ckpt_path = cfg.get("ckpt_path")
+        if ckpt_path in ("last", "best"):
+            cfg.ckpt_path = ckpt_path = str(_resolve_named_checkpoint(ckpt_path, ckpt_dir))
+        if ckpt_path and ckpt_path not in ("hpc", "registry"):
+            _check_checkpoint(ckpt_path, cfg.model.get("class_path"))
+        elif sub == "fit":
+            existing = sorted(ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
+            if existing and _is_rank_zero():
+                if not cfg.overwrite:
+                    raise RunDirectoryError(
+                        f"The checkpoint directory '{ckpt_dir}' already holds {len(existing)} checkpoint(s) "
+                        f"({', '.join(p.name for p in existing[:3])}) from an earlier run. Resume it with "
+                        "--ckpt_path last, start the new run elsewhere with --trainer.default_root_dir=<new dir>, "
+                        "or replace it with --overwrite=true (deletes those checkpoints)."
+                    )
+                for path in existing:
+                    path.unlink()
+        elif not cfg.allow_untrained and not _model_class_attr(cfg.model.get("class_path"), "loads_own_weights"):
+            raise ConfigError(
+                f"`manynets {sub}` without --ckpt_path would evaluate untrained weights. Give the checkpoint "
+                f"to evaluate (--ckpt_path {ckpt_dir / 'last.ckpt'}, or --ckpt_path last / best for this run "
+                "directory's), or pass --allow_untrained=true to evaluate the initial weights on purpose."
+            )
 
     def before_instantiate_classes(self) -> None:
         """Add a rich progress bar and a learning-rate monitor unless disabled or already there."""
@@ -97,6 +142,109 @@ class ManynetsCLI(LightningCLI):
         trainer.callbacks = callbacks
 
 
+def _is_rank_zero() -> bool:
+    """Rank 0 of the whole job (DDP re-runs this command in every process)."""
+    return (_get_rank() or 0) == 0 and int(os.environ.get("NODE_RANK", "0") or 0) == 0
+
+
+def _require_writable(directory: Path, name: str) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".manynets-write-test-{uuid.uuid4().hex}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise RunDirectoryError(
+            f"{name} = '{directory}' cannot be written ({err.strerror or err}). Choose a directory you can "
+            f"write to with --{name}=<dir>."
+        ) from None
+
+
+def _resolve_named_checkpoint(name: str, ckpt_dir: Path) -> Path:
+    """``last`` -> ``<ckpt_dir>/last.ckpt``; ``best`` -> the best checkpoint recorded in it."""
+    last = ckpt_dir / "last.ckpt"
+    if not last.is_file():
+        raise CheckpointMismatchError(
+            f"--ckpt_path {name}: there is no '{last}', so there is no run to {'resume' if name == 'last' else 'use'} "
+            "in this run directory. Point --trainer.default_root_dir (or --checkpoint.dirpath) at the run, give "
+            "the path of a .ckpt, or start a new run without --ckpt_path."
+        )
+    if name == "last":
+        return last
+    state = _load(last).get("callbacks", {})
+    best = next((s.get("best_model_path") for k, s in state.items() if "Checkpoint" in k and s.get("best_model_path")), "")
+    if not best or not Path(best).is_file():
+        raise CheckpointMismatchError(
+            f"--ckpt_path best: '{last}' records no best checkpoint that still exists ({best or 'none'}). "
+            "Use --ckpt_path last or give a .ckpt path."
+        )
+    return Path(best)
+
+
+def _load(path: str | Path) -> dict:
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as err:
+        raise CheckpointMismatchError(
+            f"--ckpt_path '{path}' cannot be read as a Lightning checkpoint ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:200]}). It may be truncated or not a checkpoint; use a .ckpt written by "
+            "`manynets fit`."
+        ) from None
+
+
+def _check_checkpoint(ckpt_path: str, wanted: str | None) -> None:
+    if not Path(ckpt_path).is_file():
+        raise CheckpointMismatchError(
+            f"--ckpt_path '{ckpt_path}' is not a file. Give the path of a .ckpt written by `manynets fit` "
+            "(by default <trainer.default_root_dir>/checkpoints/), or --ckpt_path last."
+        )
+    saved = _load(ckpt_path).get("hyper_parameters", {}).get("_class_path")
+    if saved and wanted and saved.rsplit(".", 1)[-1] != wanted.rsplit(".", 1)[-1]:
+        raise CheckpointMismatchError(
+            f"--ckpt_path '{ckpt_path}' was saved by {saved}, but the config builds {wanted}. "
+            "Use the config the checkpoint was trained with (config.yaml in its log directory)."
+        )
+
+
+def _model_class_attr(class_path: str | None, attr: str) -> bool:
+    if not class_path:
+        return False
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name) if module else getattr(manynets.lightning_modules, name)
+    except (ImportError, AttributeError):
+        return False
+    return bool(getattr(cls, attr, False))
+
+
+def _expected(err: BaseException) -> BaseException | None:
+    """The expected error behind ``err`` (itself or a cause), or None for a bug."""
+    seen = err
+    while seen is not None:
+        if isinstance(seen, (ManynetsError, argparse.ArgumentError, MisconfigurationException)):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+_NOISE = ("Does not validate against any of the Union subtypes", "Subtypes: [", "Expected a <class 'NoneType'>",
+          "Given value type:", "Given value:", "Errors:")
+
+
+def _tidy(message: str) -> str:
+    """jsonargparse's union-type report without the lines about the ``None`` alternative."""
+    lines = [line for line in message.splitlines() if not line.strip().lstrip("- ").startswith(_NOISE)]
+    return "\n".join(lines).strip()
+
+
+def _print_config_checked(argv: list[str]) -> None:
+    """``--print_config`` prints before anything is built; build the classes first, so bad values fail here too."""
+    sub = argv[0] if argv and not argv[0].startswith("-") else None
+    skip = ("--print_config", "--ckpt_path", "--overwrite", "--allow_untrained")
+    rest = [a for a in argv[1 if sub else 0:] if not a.startswith(skip)]
+    ManynetsCLI(args=rest, run=False)
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``manynets`` console script and ``python -m manynets``."""
     argv = sys.argv[1:] if args is None else list(args)
@@ -104,10 +252,19 @@ def main(args: list[str] | None = None) -> None:
         from manynets.grid import main as grid_main
 
         raise SystemExit(grid_main(argv[1:]))
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     try:
-        ManynetsCLI(args=args)
-    except (DataError, CheckpointMismatchError) as err:
-        print(f"manynets: error: {err}", file=sys.stderr)
+        check_config_files(argv)
+        argv = reset_replaced_classes(argv)
+        if any(a.startswith("--print_config") for a in argv):
+            _print_config_checked(argv)
+        ManynetsCLI(args=argv)
+    except Exception as err:  # noqa: BLE001  (expected errors become one line; bugs keep their traceback)
+        expected = _expected(err)
+        if expected is None or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        message = _tidy(str(expected)) or type(expected).__name__
+        print(f"manynets: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -337,10 +337,10 @@ def test_corruption_bad_files(cifar10, tmp_path, damage, message):
     "kwargs, message",
     [
         ({"corruptions": ["fogg"]}, r"unknown: \['fogg'\]"),
-        ({"corruptions": []}, "data.corruptions"),
-        ({"severities": [0, 1]}, "data.severities"),
-        ({"severities": [2, 2]}, "data.severities"),
-        ({"variant": "cifar1000"}, "data.variant"),
+        ({"corruptions": []}, "data.init_args.corruptions"),
+        ({"severities": [0, 1]}, "data.init_args.severities"),
+        ({"severities": [2, 2]}, "data.init_args.severities"),
+        ({"variant": "cifar1000"}, "data.init_args.variant"),
     ],
 )
 def test_corruption_arguments_are_checked(kwargs, message):

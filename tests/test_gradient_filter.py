@@ -119,6 +119,74 @@ def test_state_round_trip_and_bad_arguments():
     other = GradientFilter(window_epochs=3)
     other.load_state_dict(flt.state_dict())
     assert other.state_dict() == flt.state_dict()
-    with pytest.raises(ValueError, match="window_epochs=0"):
+    with pytest.raises(ValueError, match=r"GradientFilter\]\.init_args\.window_epochs = 0"):
         GradientFilter(window_epochs=0)
     assert GradientFilter.handles_nonfinite_loss
+
+
+def _diverging_fit(tmp_path, module, flt, epochs=2):
+    """Fit with RunCheckpoint (last + per-epoch) so the kept checkpoints can be inspected."""
+    from manynets.callbacks import RunCheckpoint
+
+    ckpt = RunCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, enable_version_counter=False)
+    data = TensorDataset(torch.randn(16, 1, 2, 2), torch.randint(0, 2, (16,)))
+    trainer = pl.Trainer(max_epochs=epochs, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[flt, ckpt], default_root_dir=tmp_path)  # fmt: skip
+    return trainer, lambda: trainer.fit(module, DataLoader(data, batch_size=4))
+
+
+def test_a_whole_skipped_epoch_stops_the_run_and_keeps_the_finite_checkpoint(tmp_path):
+    from manynets.errors import NonFiniteError
+
+    # epoch 0 trains normally (steps 0-3); every step of epoch 1 has a NaN loss and is skipped
+    flt = GradientFilter(max_consecutive_skips=100)
+    trainer, run = _diverging_fit(tmp_path, Spiky({s: math.nan for s in range(4, 8)}), flt)
+    with pytest.raises(NonFiniteError, match="every one of the epoch's 4 steps was skipped.*last.ckpt"):
+        run()
+    kept = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert kept["epoch"] == 0 and kept["global_step"] == 4
+    assert all(torch.isfinite(v).all() for v in kept["state_dict"].values() if v.is_floating_point())
+
+
+def test_consecutive_skips_stop_the_run(tmp_path):
+    from manynets.errors import NonFiniteError
+
+    flt = GradientFilter(max_consecutive_skips=3)
+    trainer, run = _diverging_fit(tmp_path, Spiky({s: math.nan for s in range(5, 100)}), flt, epochs=3)
+    with pytest.raises(NonFiniteError, match="3 consecutive steps were skipped"):
+        run()
+    assert trainer.global_step == 7  # steps 5, 6, 7 skipped (the optimizer step counter still advances)
+
+
+def test_non_finite_parameters_stop_the_run_and_are_never_checkpointed(tmp_path):
+    from manynets.errors import NonFiniteError
+
+    class Overflow(Spiky):
+        def on_train_batch_start(self, batch, batch_idx):
+            if self.global_step == 6:  # finite gradients, but the weights overflow (lr 1e6 style)
+                with torch.no_grad():
+                    self.network.head.weight.fill_(float("inf"))
+
+    flt = GradientFilter(ratio=1e12)
+    trainer, run = _diverging_fit(tmp_path, Overflow({}), flt)
+    with pytest.raises(NonFiniteError, match="parameters became non-finite.*network.head.weight"):
+        run()
+    kept = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert kept["global_step"] == 4
+    assert all(torch.isfinite(v).all() for v in kept["state_dict"].values() if v.is_floating_point())
+
+
+def test_run_checkpoint_refuses_to_write_non_finite_weights(tmp_path):
+    from manynets.errors import NonFiniteError
+
+    class Poisoned(Spiky):
+        def on_train_epoch_end(self):
+            if self.current_epoch == 1:
+                with torch.no_grad():
+                    self.network.body.bias.fill_(float("nan"))
+
+    trainer, run = _diverging_fit(tmp_path, Poisoned({}), GradientFilter())
+    with pytest.raises(NonFiniteError, match=r"network.body.bias.*was not written.*last.ckpt"):
+        run()
+    kept = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert kept["epoch"] == 0

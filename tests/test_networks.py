@@ -129,7 +129,7 @@ def test_wrn_depth_to_blocks() -> None:
     for depth, n in [(10, 1), (16, 2), (28, 4)]:
         model = WideResNet(10, depth=depth, width=1)
         assert sum(isinstance(m, WideBlock) for m in model.body) == 3 * n
-    with pytest.raises(ValueError, match="depth=27"):
+    with pytest.raises(ValueError, match="depth = 27"):
         WideResNet(10, depth=27)
 
 
@@ -324,7 +324,7 @@ def test_resnet_width_divisor_and_block_overrides() -> None:
     assert early.stem[0].kernel_size == (7, 7) and early.stem[0].stride == (2, 2)
     cifar = ResNet(10, stem="cifar")
     assert cifar.stem[0].kernel_size == (3, 3) and cifar.stem[0].stride == (1, 1) and len(cifar.stem) == 3
-    with pytest.raises(ValueError, match="width_divisor=3"):
+    with pytest.raises(ValueError, match="width_divisor = 3"):
         ResNet(10, width_divisor=3)
 
 
@@ -365,7 +365,7 @@ def test_subspaces_cifar_resnet20_layout() -> None:
     shortcuts = [b.shortcut for b in model.body]
     assert sum(isinstance(s, nn.Sequential) for s in shortcuts) == 2
     assert model.head.weight.std().item() == pytest.approx(math.sqrt(2 / 64), rel=0.2)  # fan_in init
-    with pytest.raises(ValueError, match="depth=21"):
+    with pytest.raises(ValueError, match="depth = 21"):
         CifarResNet(10, depth=21)
 
 

@@ -176,7 +176,7 @@ def test_cli_fit_saturation_then_probes(tmp_path):
            *common, f"--trainer.default_root_dir={run}", f"--checkpoint.dirpath={run}/ckpt"]  # fmt: skip
     out = subprocess.run(fit, capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    outputs = tmp_path / "runs/quickstart/probe_digits"  # the callbacks' dirpath, relative to cwd
+    outputs = run / "lightning_logs" / "version_0"  # the callbacks write into the run directory's log dir
     sat = (outputs / "saturation.csv").read_text().splitlines()
     assert len(sat) == 2 and "saturation/eval/stem-0" in sat[0]
     assert (outputs / "saturation_epoch000.png").is_file()

@@ -51,11 +51,11 @@ def test_output_rows_are_batch_truncated_to_a_multiple_of_n(batch, n):
 
 
 def test_bad_settings_raise_clear_errors():
-    with pytest.raises(ValueError, match="sup_low=3 must divide model.capacity=4"):
+    with pytest.raises(ValueError, match="sup_low = 3: expected a divisor of model.init_args.capacity = 4"):
         make(capacity=4, sup_low=3)
-    with pytest.raises(ValueError, match="binding='xor'"):
+    with pytest.raises(ValueError, match="binding = 'xor'"):
         make(binding="xor")
-    with pytest.raises(ValueError, match="does not divide capacity=4"):
+    with pytest.raises(ValueError, match=r"eval_n = \[3\]: expected divisors of model.init_args.capacity = 4"):
         make(capacity=4, eval_n=[3])
     with pytest.raises(ValueError, match="does not divide the capacity N=4"):
         make(capacity=4).forward_superposed(torch.randn(6, *SHAPE), 3)

@@ -14,6 +14,7 @@ from typing import Sequence
 import lightning.pytorch as pl
 
 from manynets.datamodules.base import ImageDataModule
+from manynets.errors import check_arg
 from manynets.layers.feature_kernel import feature_kernel_accuracy
 
 
@@ -29,8 +30,11 @@ class FeatureKernelTransfer(pl.Callback):
 
     def __init__(self, data: ImageDataModule, regs: Sequence[float] = (1e-4,), every_n_epochs: int = 1,
                  max_train: int | None = None) -> None:  # fmt: skip
-        if every_n_epochs < 1:
-            raise ValueError(f"FeatureKernelTransfer every_n_epochs={every_n_epochs}; expected >= 1.")
+        c = "trainer.callbacks[FeatureKernelTransfer].init_args."
+        check_arg(every_n_epochs >= 1, c + "every_n_epochs", every_n_epochs, ">= 1", "1 evaluates after every epoch.")
+        check_arg(len(regs) > 0 and all(r >= 0 for r in regs), c + "regs", list(regs), "a non-empty list of ridge "
+                  "values >= 0", "The paper uses [1e-4].")
+        check_arg(max_train is None or max_train >= 1, c + "max_train", max_train, "null (all) or >= 1 images")
         self.data, self.regs, self.every_n_epochs, self.max_train = data, list(regs), every_n_epochs, max_train
         self._ready = False
 

@@ -23,6 +23,12 @@ explicitly (the official comparison happened to reject NaN and inf too). The cal
 ``handles_nonfinite_loss = True``, so :class:`~manynets.lightning_modules.ClassifierModule` does not
 raise on a NaN/inf loss; its gradients are non-finite and the step is skipped.
 
+Divergence is never hidden: the run stops with :class:`~manynets.errors.NonFiniteError` when a whole
+training epoch was skipped, when ``max_consecutive_skips`` steps in a row were skipped, or when any
+parameter became non-finite after a step (checked once per step on the max-abs of every parameter,
+one fused reduction). The checkpoints already written are kept, and
+:class:`~manynets.callbacks.RunCheckpoint` never writes non-finite weights.
+
 Logged: ``train/grad_norm`` (pre-clip, per step) and ``train/skipped_steps`` (per epoch).
 """
 
@@ -34,6 +40,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from manynets.errors import NonFiniteError, check_arg
+
 
 class GradientFilter(pl.Callback):
     """Skip steps whose gradient norm is non-finite or >= ``ratio`` x the previous window's mean.
@@ -43,18 +51,25 @@ class GradientFilter(pl.Callback):
         max_norm: every gradient is clipped to this global norm (MIMOConv: 1e3).
         window_epochs: trainer epochs per averaging window. MIMOConv's epoch is N passes over the
             data; its configs run N trainer epochs per paper epoch and set this to N.
+        max_consecutive_skips: stop the run when this many steps in a row were skipped (a diverged
+            run skips every step); a whole skipped epoch stops it too.
     """
 
     handles_nonfinite_loss = True
 
-    def __init__(self, ratio: float = 10.0, max_norm: float = 1000.0, window_epochs: int = 1) -> None:
+    def __init__(
+        self, ratio: float = 10.0, max_norm: float = 1000.0, window_epochs: int = 1, max_consecutive_skips: int = 50
+    ) -> None:
         super().__init__()
-        if ratio <= 0 or max_norm <= 0 or window_epochs < 1:
-            raise ValueError(
-                f"GradientFilter(ratio={ratio}, max_norm={max_norm}, window_epochs={window_epochs}): "
-                "expected ratio > 0, max_norm > 0 and window_epochs >= 1."
-            )
+        name = "trainer.callbacks[GradientFilter].init_args."
+        check_arg(ratio > 0, name + "ratio", ratio, "> 0 (a step is skipped when its norm >= ratio x the mean)")
+        check_arg(max_norm > 0, name + "max_norm", max_norm, "> 0 (the global clipping norm)")
+        check_arg(window_epochs >= 1, name + "window_epochs", window_epochs, "an integer >= 1")
+        check_arg(max_consecutive_skips >= 1, name + "max_consecutive_skips", max_consecutive_skips, "an integer >= 1")
         self.ratio, self.max_norm, self.window_epochs = float(ratio), float(max_norm), int(window_epochs)
+        self.max_consecutive_skips = int(max_consecutive_skips)
+        self.consecutive_skips = 0
+        self.steps_this_epoch = 0
         self.mean_prev = math.inf
         self._sum, self._count = 0.0, 0
         self._epochs_in_window = 0
@@ -63,6 +78,7 @@ class GradientFilter(pl.Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.skipped_this_epoch = 0
+        self.steps_this_epoch = 0
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -70,15 +86,39 @@ class GradientFilter(pl.Callback):
             return
         norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm, error_if_nonfinite=False)
         g = float(norm)
+        self.steps_this_epoch += 1
         if not math.isfinite(g) or g >= self.ratio * self.mean_prev:
             self.skipped_this_epoch += 1
+            self.consecutive_skips += 1
             optimizer.zero_grad(set_to_none=True)
+            if self.consecutive_skips >= self.max_consecutive_skips:
+                self._stop(trainer, f"{self.consecutive_skips} consecutive steps were skipped (last norm {g:.3g})")
         else:
+            self.consecutive_skips = 0
             self._sum += g
             self._count += 1
         pl_module.log("train/grad_norm", g, on_step=True, on_epoch=False)
 
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+        params = [p.detach() for p in pl_module.parameters()]
+        if params:
+            peaks = torch.stack([m.float() for m in torch._foreach_norm(params, float("inf"))])
+            if not bool(torch.isfinite(peaks).all()):
+                names = [n for (n, _), m in zip(pl_module.named_parameters(), peaks.tolist()) if not math.isfinite(m)]
+                self._stop(trainer, f"parameters became non-finite after the step ({', '.join(names[:3])})")
+
+    def _stop(self, trainer: pl.Trainer, what: str) -> None:
+        kept = getattr(trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
+        raise NonFiniteError(
+            f"Training diverged at epoch {trainer.current_epoch}, step {trainer.global_step}: {what}. "
+            f"GradientFilter stops the run instead of training on; the last finite checkpoint is kept ({kept}). "
+            "Lower the learning rate or raise trainer.callbacks[GradientFilter].init_args.ratio, then resume "
+            "from that checkpoint with --ckpt_path."
+        )
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.steps_this_epoch and self.skipped_this_epoch == self.steps_this_epoch:
+            self._stop(trainer, f"every one of the epoch's {self.steps_this_epoch} steps was skipped")
         self.skipped_per_epoch.append(self.skipped_this_epoch)
         pl_module.log("train/skipped_steps", float(self.skipped_this_epoch), on_step=False, on_epoch=True)
         self._epochs_in_window += 1
@@ -92,6 +132,8 @@ class GradientFilter(pl.Callback):
         return {
             "mean_prev": self.mean_prev, "sum": self._sum, "count": self._count,
             "epochs_in_window": self._epochs_in_window, "skipped_per_epoch": list(self.skipped_per_epoch),
+            "skipped_this_epoch": self.skipped_this_epoch, "steps_this_epoch": self.steps_this_epoch,
+            "consecutive_skips": self.consecutive_skips,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -99,3 +141,6 @@ class GradientFilter(pl.Callback):
         self._sum, self._count = float(state_dict["sum"]), int(state_dict["count"])
         self._epochs_in_window = int(state_dict["epochs_in_window"])
         self.skipped_per_epoch = list(state_dict["skipped_per_epoch"])
+        self.skipped_this_epoch = int(state_dict.get("skipped_this_epoch", 0))
+        self.steps_this_epoch = int(state_dict.get("steps_this_epoch", 0))
+        self.consecutive_skips = int(state_dict.get("consecutive_skips", 0))

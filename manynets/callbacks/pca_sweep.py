@@ -15,7 +15,8 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 
-from manynets.callbacks.saturation import backbone_of
+from manynets.callbacks.saturation import backbone_of, check_layer_options
+from manynets.errors import check_arg
 from manynets.layers.pca import SWEEP_DELTAS, delta_sweep
 
 
@@ -43,6 +44,11 @@ class PCADeltaSweep(pl.Callback):
         dirpath: str | None = None,
     ) -> None:
         super().__init__()
+        c = "trainer.callbacks[PCADeltaSweep].init_args."
+        check_layer_options(c, layers, types)
+        check_arg(all(d > 0 for d in deltas or ()), c + "deltas", deltas, "thresholds > 0 (fractions such as 0.99; "
+                  "values > 1 keep every direction)", "A delta is a fraction: 0.99, not 99.")
+        check_arg(downsampling is None or downsampling >= 1, c + "downsampling", downsampling, "null or a side >= 1")
         self.layers, self.types, self.deltas = layers, list(types), list(deltas or SWEEP_DELTAS)
         self.centering, self.downsampling, self.random_control, self.dirpath = centering, downsampling, random_control, dirpath
         self.rows: list[dict[str, float]] = []

@@ -31,6 +31,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from manynets.errors import ConfigError, check_arg
 from manynets.layers.covariance import (
     ConvMethod,
     Count,
@@ -47,6 +48,19 @@ Mode = Literal["train", "eval", "test"]
 def backbone_of(pl_module: nn.Module) -> nn.Module:
     """The backbone (``.network``) of a manynets module, else the module itself."""
     return getattr(pl_module, "network", pl_module)
+
+
+def check_layer_options(prefix: str, layers: str | None, types: list[str] | tuple[str, ...]) -> None:
+    """Constructor check of the ``layers`` regular expression and ``types`` names; ``prefix`` is the
+    argument path as written in a config (``model.init_args.``, ``trainer.callbacks[Saturation].init_args.``)."""
+    try:
+        re.compile(layers or "")
+    except re.error as err:
+        raise ConfigError(f"{prefix}layers = {layers!r}: expected a regular expression on layer names ({err}). "
+                          "Escape special characters, e.g. 'body-0' or 'stem|head'.") from None  # fmt: skip
+    unknown = [t for t in types if t not in _TYPES]
+    check_arg(bool(types) and not unknown, prefix + "types", list(types), f"names among {sorted(_TYPES)}",
+              f"These are unknown: {unknown}." if unknown else "Give at least one layer type.")
 
 
 def select_layers(
@@ -86,7 +100,7 @@ class Saturation(pl.Callback):
     Args:
         layers: regular expression on layer names (``-``-joined module paths in the backbone); ``None``: all.
         types: module class names tracked (``Conv2d``, ``Linear``, ``Conv1d``, ``Conv3d``).
-        delta: threshold of the cumulative explained variance (delve ``sat_threshold``; 0.97-0.9995).
+        delta: threshold in (0, 1] of the cumulative explained variance (delve ``sat_threshold``; 0.97-0.9995).
         count: ``delve`` (the published rule, ID = #{k : p_k < delta}) or ``textbook`` (min{k : p_k >= delta}).
         conv_method: ``channelwise`` (every position a sample; delve's default), ``mean`` or ``flatten``.
         downsampling: resize conv maps larger than d x d to d x d (nearest) before accumulating.
@@ -112,13 +126,14 @@ class Saturation(pl.Callback):
         plot: bool = True,
     ) -> None:
         super().__init__()
-        if not delta > 0:
-            raise ValueError(f"Saturation delta={delta}; expected > 0 (typically 0.99; > 1 keeps all directions)")
-        if every_n_batches < 1:
-            raise ValueError(f"Saturation every_n_batches={every_n_batches}; expected >= 1")
+        c = "trainer.callbacks[Saturation].init_args."
+        check_layer_options(c, layers, types)
+        check_arg(0 < delta <= 1, c + "delta", delta, "a fraction in (0, 1] of the explained variance",
+                  "delta is a fraction: 0.99, not 99.")
+        check_arg(downsampling is None or downsampling >= 1, c + "downsampling", downsampling, "null or a side >= 1")
+        check_arg(every_n_batches >= 1, c + "every_n_batches", every_n_batches, ">= 1", "1 records every batch.")
         bad = [m for m in modes if m not in ("train", "eval", "test")]
-        if bad:
-            raise ValueError(f"Saturation modes {bad}; expected among 'train', 'eval', 'test'")
+        check_arg(bool(modes) and not bad, c + "modes", list(modes), "a non-empty list out of 'train', 'eval', 'test'")
         self.layers, self.types, self.delta, self.count = layers, list(types), delta, count
         self.conv_method, self.downsampling, self.every_n_batches = conv_method, downsampling, every_n_batches
         self.modes = list(modes)

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
+from manynets.errors import check_arg
 from manynets.layers.subspace import num_parameter_sets, subspace_coefficients
 from manynets.layers.subspace_bn import check_packed, collect_bn_statistics, packed_logits
 from manynets.lightning_modules.classifier import classification_metrics
@@ -209,8 +210,12 @@ class SubspaceSweep(Callback):
         at_fit_end: bool = False,
         seed: int = 0,
     ) -> None:
-        if points_per_pass is not None and points_per_pass < 1:
-            raise ValueError(f"SubspaceSweep points_per_pass={points_per_pass}; expected None or >= 1.")
+        c = "trainer.callbacks[SubspaceSweep].init_args."
+        check_arg(num_alphas >= 2, c + "num_alphas", num_alphas, ">= 2 (0 and 1 included)", "21 gives steps of 0.05.")
+        check_arg(num_random_points >= 2, c + "num_random_points", num_random_points, ">= 2 (random ensembles)")
+        check_arg(points_per_pass is None or points_per_pass >= 1, c + "points_per_pass", points_per_pass,
+                  "null (all on a GPU, 1 on a CPU) or >= 1")
+        check_arg(bn_batches is None or bn_batches >= 1, c + "bn_batches", bn_batches, "null (whole epoch) or >= 1")
         self.num_alphas, self.num_random_points = num_alphas, num_random_points
         self.points_per_pass, self.bn_batches, self.recompute_bn = points_per_pass, bn_batches, recompute_bn
         self.dirpath, self.at_fit_end, self.seed = dirpath, at_fit_end, seed

@@ -7,11 +7,14 @@ happens inside the LightningModule, so nothing here knows about methods.
 
 Subclasses implement :meth:`train_set` and :meth:`test_sets`, each taking the
 transform to apply; the base class does the seeded train/val split, the standard
-augmentation (random crop with padding 4, horizontal flip) and the loaders.
+augmentation (random crop with padding 4, horizontal flip) and the loaders. The training loader is
+resumable: its order and augmentation depend only on (training seed, epoch, image) and its position is
+saved in checkpoints (:mod:`manynets.datamodules.resumable`), so a killed run resumes exactly.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -21,7 +24,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 
-from manynets.errors import DataError
+from manynets.datamodules.resumable import EpochSampler, ResumableLoader, SeededItems
+from manynets.errors import DataError, check_arg
 
 
 class ImageDataModule(pl.LightningDataModule):
@@ -58,12 +62,13 @@ class ImageDataModule(pl.LightningDataModule):
         seed: int = 42,
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}.")
-        if isinstance(val_split, float) and not 0 <= val_split < 1:
-            raise ValueError(f"data.val_split as a fraction must be in [0, 1), got {val_split}.")
-        if val_split < 0:
-            raise ValueError(f"data.val_split must be >= 0, got {val_split}.")
+        d = "data.init_args."
+        check_arg(batch_size >= 1, d + "batch_size", batch_size, ">= 1")
+        check_arg(eval_batch_size is None or eval_batch_size >= 1, d + "eval_batch_size", eval_batch_size,
+                  "null (= batch_size) or >= 1")
+        check_arg(val_split >= 0 and (isinstance(val_split, int) or val_split < 1), d + "val_split", val_split,
+                  "a count >= 0 or a fraction in [0, 1)", "Hold out 5000 images or 0.1 of them; 0 validates on test.")
+        check_arg(num_workers >= 0, d + "num_workers", num_workers, ">= 0", "0 loads in the main process.")
         self.data_dir = Path(data_dir).expanduser()
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -76,6 +81,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
         self.test_datasets: dict[str, Dataset] = {}
+        self._train_position: dict | None = None  # restored from a checkpoint, applied to the next train loader
 
     # -- to implement --------------------------------------------------------------
     def train_set(self, transform: Callable) -> Dataset:
@@ -136,18 +142,65 @@ class ImageDataModule(pl.LightningDataModule):
         return n_val
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        """An evaluation loader (in order); ``train=True`` gives :meth:`train_dataloader`'s loader.
+
+        Every loader owns a ``torch.Generator`` (for its workers' base seeds), so iterating a loader
+        never draws from the global generator that the training step uses.
+        """
+        if train:
+            return self._train_loader(dataset)
         return DataLoader(
             dataset,
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            drop_last=train and len(dataset) > self.batch_size,
+            batch_size=self.eval_batch_size,
+            shuffle=False,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
+            generator=torch.Generator().manual_seed(self.seed),
         )
+
+    def _train_loader(self, dataset: Dataset) -> ResumableLoader:
+        """Shuffled by (training seed, epoch), sharded over the trainer's processes, augmentation seeded per
+        (training seed, epoch, image), position saved in checkpoints: see :mod:`manynets.datamodules.resumable`."""
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        sampler = EpochSampler(dataset, num_replicas=world, rank=rank, seed=seed)
+        progress = None
+        if trainer is not None:
+            progress = lambda: trainer.fit_loop.epoch_loop.batch_progress.current.processed  # noqa: E731
+        loader = ResumableLoader(
+            SeededItems(dataset, seed),
+            batch_size=self.batch_size,
+            sampler=sampler,
+            drop_last=sampler.num_samples > self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+            generator=torch.Generator().manual_seed(seed),
+            progress=progress,
+        )
+        if self._train_position is not None:
+            loader.load_state_dict(self._train_position)
+            self._train_position = None
+        self._last_train_loader = loader
+        return loader
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_dataset, train=True)
+
+    def state_dict(self) -> dict:
+        """The training loader's position (epoch, batches trained on), saved in every checkpoint.
+
+        Lightning also saves it as the loader's own state, but restores that only when its first
+        ``setup_data`` comes after the loop state is loaded, which ``estimated_stepping_batches``
+        (OneCycleLR's length) breaks; the data module's state is restored before any loader is built.
+        """
+        loader = getattr(self, "_last_train_loader", None)
+        return {"train_position": loader.state_dict()} if loader is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._train_position = state_dict.get("train_position")
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_dataset, train=False)

@@ -31,6 +31,7 @@ from torchvision.datasets.utils import check_integrity, download_and_extract_arc
 from torchvision.transforms import v2
 
 from manynets.datamodules.base import DataError, ImageDataModule
+from manynets.errors import check_arg
 
 
 class CIFAR10DataModule(ImageDataModule):
@@ -86,15 +87,16 @@ class CIFAR10DataModule(ImageDataModule):
             persistent_workers=persistent_workers,
             seed=seed,
         )
-        if not 0.0 <= label_noise <= 1.0:
-            raise ValueError(f"data.label_noise is a fraction of the training set in [0, 1], got {label_noise}.")
+        d = "data.init_args."
+        check_arg(0.0 <= label_noise <= 1.0, d + "label_noise", label_noise, "a fraction of the training set in [0, 1]",
+                  "A fraction: 0.2, not 20.")
+        check_arg(std is None or min(std) > 0, d + "std", std, "> 0 per channel (or null)")
+        check_arg(resolution is None or resolution >= 1, d + "resolution", resolution, "null or an image side >= 1 px")
         self.download = download
         self.mean = tuple(mean) if mean is not None else type(self).mean
         self.std = tuple(std) if std is not None else type(self).std
         self.label_noise = label_noise
         self.label_noise_seed = label_noise_seed
-        if resolution is not None and resolution < 1:
-            raise ValueError(f"data.resolution must be a positive image side in pixels, got {resolution}.")
         self.resolution = resolution
         if resolution is not None:
             self.image_shape = (3, resolution, resolution)

@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 
 from manynets.datamodules.base import DataError, ImageDataModule, require_path
 from manynets.datamodules.cifar import CIFAR10DataModule, CIFAR100DataModule
+from manynets.errors import check_arg
 from manynets.datamodules.base import UInt8ImageDataset
 
 BENCHMARK = (
@@ -85,17 +86,16 @@ class CIFARCorruptionsDataModule(ImageDataModule):
             seed=seed,
         )
         super().__init__(**base)
-        if variant not in SOURCES:
-            raise ValueError(f"data.variant must be 'cifar10' or 'cifar100', got {variant!r}.")
+        d = "data.init_args."
+        check_arg(variant in SOURCES, d + "variant", variant, "'cifar10' or 'cifar100'")
         corruptions = list(CORRUPTIONS if corruptions is None else corruptions)
         unknown = [c for c in corruptions if c not in CORRUPTIONS]
-        if unknown or not corruptions or len(set(corruptions)) != len(corruptions):
-            raise ValueError(
-                f"data.corruptions must be distinct names out of {list(CORRUPTIONS)}; got {corruptions}"
-                + (f" (unknown: {unknown})." if unknown else ".")
-            )
-        if not severities or len(set(severities)) != len(severities) or not set(severities) <= {1, 2, 3, 4, 5}:
-            raise ValueError(f"data.severities must be distinct values out of 1..5, got {severities}.")
+        check_arg(not unknown and bool(corruptions) and len(set(corruptions)) == len(corruptions), d + "corruptions",
+                  corruptions, f"distinct names out of {list(CORRUPTIONS)}",
+                  f"These are unknown: {unknown}." if unknown else "")
+        distinct = len(set(severities)) == len(severities)
+        check_arg(bool(severities) and distinct and set(severities) <= {1, 2, 3, 4, 5}, d + "severities", severities,
+                  "distinct values out of 1..5")
         self.variant, self.corruptions, self.severities = variant, corruptions, list(severities)
         clean_cls = CIFAR10DataModule if variant == "cifar10" else CIFAR100DataModule
         self.clean = clean_cls(**base, download=download, mean=mean, std=std)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from manynets.datamodules.base import ImageDataModule, UInt8ImageDataset
+from manynets.errors import check_arg
 
 
 class DigitsDataModule(ImageDataModule):
@@ -60,8 +61,10 @@ class DigitsDataModule(ImageDataModule):
             persistent_workers=persistent_workers,
             seed=seed,
         )
-        if channels not in (1, 3):
-            raise ValueError(f"data.channels must be 1 or 3, got {channels}.")
+        d = "data.init_args."
+        check_arg(channels in (1, 3), d + "channels", channels, "1 (grey) or 3 (grey replicated)")
+        check_arg(size >= 1, d + "size", size, "an image side >= 1 px", "The digits are 8 x 8; 32 by default.")
+        check_arg(1 <= test_size < 1797, d + "test_size", test_size, "1..1796 of the 1797 images", "360 by default.")
         self.size, self.channels, self.test_size, self.split_seed = size, channels, test_size, split_seed
         self.image_shape = (channels, size, size)
         self.mean, self.std = (self._MEAN,) * channels, (self._STD,) * channels

@@ -33,6 +33,7 @@ from torch.utils.data import Dataset
 
 from manynets.datamodules.base import DataError, ImageDataModule, require_path
 from manynets.datamodules.base import UInt8ImageDataset
+from manynets.errors import check_arg
 
 PAGE = "https://image-net.org/download-images.php"
 TRAIN_FILES = tuple(f"train_data_batch_{i}" for i in range(1, 11))
@@ -143,14 +144,16 @@ class ImageNet32DataModule(ImageDataModule):
             persistent_workers=persistent_workers,
             seed=seed,
         )
+        d = "data.init_args."
+        check_arg(std is None or min(std) > 0, d + "std", std, "> 0 per channel (or null)")
+        check_arg(num_classes_subset is None or 1 <= num_classes_subset <= 1000, d + "num_classes_subset",
+                  num_classes_subset, "null (all 1000 classes) or 1..1000", "The transfer protocol uses 250.")
         self.mean = tuple(mean) if mean is not None else type(self).mean
         self.std = tuple(std) if std is not None else type(self).std
         self.num_classes_subset, self.subset_seed = num_classes_subset, subset_seed
         self.class_subset: list[int] | None = None
         self._lut = np.arange(1000)  # original 0-based class -> new label, -1 = dropped
         if num_classes_subset is not None:
-            if not 1 <= num_classes_subset <= 1000:
-                raise ValueError(f"data.num_classes_subset must be in 1..1000 (or null), got {num_classes_subset}.")
             g = torch.Generator().manual_seed(subset_seed)
             self.class_subset = sorted(torch.randperm(1000, generator=g, device="cpu")[:num_classes_subset].tolist())
             self.num_classes = num_classes_subset

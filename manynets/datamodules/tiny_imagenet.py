@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 
 from manynets.datamodules.base import DataError, ImageDataModule, require_path
 from manynets.datamodules.base import UInt8ImageDataset
+from manynets.errors import check_arg
 
 URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 
@@ -100,6 +101,7 @@ class TinyImageNetDataModule(ImageDataModule):
             persistent_workers=persistent_workers,
             seed=seed,
         )
+        check_arg(std is None or min(std) > 0, "data.init_args.std", std, "> 0 per channel (or null)")
         self.in_memory = in_memory
         self.mean = tuple(mean) if mean is not None else type(self).mean
         self.std = tuple(std) if std is not None else type(self).std

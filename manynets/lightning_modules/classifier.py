@@ -3,10 +3,15 @@
 Methods subclass :class:`ClassifierModule` and override two hooks:
 
 - :meth:`training_loss` ``(images, labels) -> (loss, logits)``: the method's training
-  objective on one batch; ``logits`` (B, C) feed the train accuracy.
+  objective on one batch; ``logits`` (B, C) feed the train accuracy (a method may return the
+  first B' <= B rows only: superposition truncates training batches to whole groups).
 - :meth:`predict_logits` ``(images) -> logits``: evaluation logits, either (B, C) or
   per-member (M, B, C). The ensemble prediction is the **mean of the member logits**
   (as in MIMOConv, MixMo and subspaces); NLL, ECE and Brier are computed on its softmax.
+  There is one row for every image (:func:`check_scored`), so validation and test metrics cover
+  exactly the images of the set. Exception, Lightning's: under DDP its DistributedSampler repeats
+  up to (number of processes - 1) images so that every process gets as many; those are scored twice
+  (evaluate on one device for exact numbers).
 
 Metric names are the same for all methods: ``{train,val,test}/{acc,nll,ece,brier}``
 (ECE: 15 equal-width bins on the max softmax probability; Brier: sum over classes,
@@ -29,7 +34,8 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
-from manynets.errors import CheckpointMismatchError, NonFiniteError
+from manynets import random_state
+from manynets.errors import CheckpointMismatchError, ConfigError, NonFiniteError, check_arg
 from manynets.metrics import BrierScore, Disagreement, NegativeLogLikelihood
 
 BackboneFactory = Callable[[int, tuple[int, int, int]], nn.Module]
@@ -50,6 +56,20 @@ def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
         },
         prefix=prefix,
     )
+
+
+def check_scored(logits: torch.Tensor, labels: torch.Tensor) -> None:
+    """Raise unless evaluation logits (B, C) or (M, B, C) have one row for each of the B labelled images.
+
+    Validation and test metrics cover exactly the images of the set: a method must not drop images of
+    an evaluation batch (superposition pads its last partial group instead, see
+    :meth:`~manynets.lightning_modules.SuperpositionModule.forward_superposed`).
+    """
+    if logits.shape[-2] != labels.shape[0]:
+        raise RuntimeError(
+            f"{logits.shape[-2]} rows of evaluation logits for a batch of {labels.shape[0]} images; "
+            "predict_logits must return one row per image so that every image of the set is scored."
+        )
 
 
 NonFiniteLossError = NonFiniteError  # the name used before the errors module existed
@@ -74,6 +94,10 @@ class ClassifierModule(pl.LightningModule):
         label_smoothing: label smoothing of the cross-entropy.
     """
 
+    loads_own_weights = False
+    """True for modules whose weights come from their own arguments (checkpoint ensembles, probes): the CLI
+    then evaluates them without ``--ckpt_path``."""
+
     def __init__(
         self,
         backbone: BackboneFactory,
@@ -87,6 +111,15 @@ class ClassifierModule(pl.LightningModule):
         no_weight_decay: list[str] | None = None,
         label_smoothing: float = 0.0,
     ) -> None:
+        m = "model.init_args."
+        check_arg(0.0 <= label_smoothing < 1.0, m + "label_smoothing", label_smoothing, "a fraction in [0, 1)",
+                  "0 turns it off; 0.1 is usual.")
+        check_arg(warmup_steps >= 0, m + "warmup_steps", warmup_steps, ">= 0 optimizer steps", "0 turns warm-up off.")
+        check_arg(warmup_epochs >= 0, m + "warmup_epochs", warmup_epochs, ">= 0 epochs", "0 turns warm-up off.")
+        check_arg(not (warmup_steps and warmup_epochs), m + "warmup_epochs", warmup_epochs,
+                  f"0 when {m}warmup_steps is set ({warmup_steps})", "Warm up by steps or by epochs, not both.")
+        check_arg(scheduler_interval in (None, "step", "epoch"), m + "scheduler_interval", scheduler_interval,
+                  "'step', 'epoch' or null (step for OneCycleLR/CyclicLR, else epoch)")
         super().__init__()
         self.save_hyperparameters()
         self.num_classes = num_classes
@@ -108,19 +141,18 @@ class ClassifierModule(pl.LightningModule):
         return F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing), logits
 
     def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
-        """Evaluation logits: (B, C), or (M, B, C) for an ensemble of M members."""
+        """Evaluation logits: (B, C), or (M, B, C) for an ensemble of M members, one row for every
+        one of the B images (evaluation scores every image of the set; see :func:`check_scored`)."""
         return self(images)
-
-    def evaluation_labels(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """Labels matching the evaluation logits (a method that drops samples trims them here)."""
-        return labels[: logits.shape[-2]]
 
     # -- training ------------------------------------------------------------------
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
         loss, logits = self.training_loss(images, labels)
         self.check_finite(loss)
-        self.train_acc(logits.detach(), self.evaluation_labels(labels, logits))
+        # A method may train on the first rows of the batch only (superposition truncates B to a multiple
+        # of n, as the official code); the train accuracy scores those rows. Evaluation scores every image.
+        self.train_acc(logits.detach(), labels[: logits.shape[0]])
         self.log("train/loss", loss.detach(), prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
@@ -145,7 +177,8 @@ class ClassifierModule(pl.LightningModule):
     def validation_step(self, batch, batch_idx: int) -> None:
         images, labels = batch
         logits = self._ensemble(self.predict_logits(images))
-        self.val_metrics.update(logits.float(), self.evaluation_labels(labels, logits))
+        check_scored(logits, labels)
+        self.val_metrics.update(logits.float(), labels)
         for name, metric in self.val_metrics.items():
             self.log(name, metric, prog_bar=name == "val/acc")
 
@@ -168,7 +201,7 @@ class ClassifierModule(pl.LightningModule):
     def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         images, labels = batch
         member_logits = self.predict_logits(images)
-        labels = self.evaluation_labels(labels, member_logits)
+        check_scored(member_logits, labels)
         metrics = self.test_metrics[dataloader_idx]
         metrics["ensemble"].update(self._ensemble(member_logits).float(), labels)
         if member_logits.dim() == 3:
@@ -252,15 +285,17 @@ class ClassifierModule(pl.LightningModule):
             return {}
         given = getattr(self.scheduler_factory, "keywords", {})
         params = inspect.signature(target).parameters
-        length = int(self.trainer.estimated_stepping_batches) if interval == "step" else self.trainer.max_epochs
+        length = self.trainer.estimated_stepping_batches if interval == "step" else self.trainer.max_epochs
         extra = {}
         for key in ("total_steps", "T_max"):
             if key in params and given.get(key) is None:
-                if length is None or length < 0:
-                    raise ValueError(
-                        f"{target.__name__} needs `{key}`; set it in lr_scheduler.init_args or set trainer.max_epochs."
+                if length is None or length < 0 or length == float("inf"):
+                    raise ConfigError(
+                        f"trainer.max_epochs = {self.trainer.max_epochs}: {target.__name__} needs a finite "
+                        f"length ({key}, in {interval}s). Set trainer.max_epochs (or trainer.max_steps) to a "
+                        f"positive number, or give model.init_args.lr_scheduler.init_args.{key}."
                     )
-                extra[key] = length
+                extra[key] = int(length)
         return extra
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
@@ -282,8 +317,28 @@ class ClassifierModule(pl.LightningModule):
                 group["lr"] = lr
 
     # -- checkpoints ---------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Every rank's random-number states go into the checkpoint (:mod:`manynets.random_state`)."""
+        checkpoint["random_states"] = random_state.gather()
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Fail with a clear message when a checkpoint's weights do not fit this model."""
+        """Fail with a clear message when a checkpoint's weights do not fit this model; when fitting,
+        restore this rank's random-number states so a resumed run continues the same streams."""
+        self._check_fits(checkpoint)
+        trainer = self._trainer
+        states = checkpoint.get("random_states")
+        if trainer is None or not states or trainer.state.fn != "fit":
+            return
+        if len(states) == trainer.world_size:
+            random_state.restore(states[trainer.global_rank])
+        else:
+            warnings.warn(
+                f"The checkpoint was written by {len(states)} processes, this run has {trainer.world_size}: "
+                "random-number states are not restored, so the resumed run will not repeat the original one.",
+                stacklevel=2,
+            )
+
+    def _check_fits(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict", {})
         own = self.state_dict()
         missing = [k for k in own if k not in state and not _is_metric_state(k)]

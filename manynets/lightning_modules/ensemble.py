@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from manynets.errors import check_arg
 from manynets.lightning_modules.classifier import BackboneFactory, ClassifierModule
 
 
@@ -53,6 +54,8 @@ class CheckpointEnsembleModule(ClassifierModule):
         kwargs: the other :class:`ClassifierModule` arguments (only ``backbone`` matters; nothing is trained).
     """
 
+    loads_own_weights = True  # `manynets test` needs no --ckpt_path: its members come from model.init_args.checkpoints
+
     def __init__(
         self,
         backbone: BackboneFactory,
@@ -61,9 +64,9 @@ class CheckpointEnsembleModule(ClassifierModule):
         checkpoints: list[str] | None = None,
         **kwargs: Any,
     ) -> None:
+        check_arg(bool(checkpoints), "model.init_args.checkpoints", checkpoints, "a non-empty list of .ckpt paths",
+                  "List the checkpoints of the trained ensemble members (they are loaded at setup).")
         super().__init__(backbone, num_classes, image_shape, **kwargs)
-        if not checkpoints:
-            raise ValueError("model.checkpoints is empty; list the .ckpt files of the ensemble members.")
         del self.network
         self.checkpoints = list(checkpoints)
         self.members = nn.ModuleList([backbone(num_classes, self.image_shape) for _ in self.checkpoints])

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from manynets.errors import ConfigError, check_arg
 from manynets.layers.mixing import (
     member_weights,
     mix_features,
@@ -128,31 +129,24 @@ class MixMoModule(ClassifierModule):
         temperature_scaling: Literal["val", "test_halves", "none"] = "val",
         **kwargs: Any,
     ) -> None:
-        if num_members < 1:
-            raise ValueError(f"model.num_members={num_members}; expected >= 1 (2 in MixMo)")
-        if not 0.0 <= cutmix_prob <= 1.0:
-            raise ValueError(f"model.cutmix_prob={cutmix_prob}; expected a probability in [0, 1]")
-        if not 0.0 <= msda_prob <= 1.0:
-            raise ValueError(f"model.msda_prob={msda_prob}; expected a probability in [0, 1]")
-        if msda_beta <= 0:
-            raise ValueError(f"model.msda_beta={msda_beta}; expected > 0 (1 in MixMo: lam' ~ Beta(1, 1))")
-        if weight_root <= 0:
-            raise ValueError(f"model.weight_root={weight_root}; expected > 0 (3 in MixMo, 1 for MIMO)")
-        if batch_repetitions < 1:
-            raise ValueError(f"model.batch_repetitions={batch_repetitions}; expected >= 1 (4 in MixMo)")
-        if not 0.0 <= proba_input_repetition <= 1.0:
-            raise ValueError(f"model.proba_input_repetition={proba_input_repetition}; expected [0, 1]")
-        if l2_reg < 0:
-            raise ValueError(f"model.l2_reg={l2_reg}; expected >= 0")
-        if kwargs.get("label_smoothing"):
-            raise ValueError(
-                f"model.label_smoothing={kwargs['label_smoothing']}: MixMo trains on soft mixed targets; set it to 0."
-            )
+        m, prob = "model.init_args.", "a probability in [0, 1]"
+        check_arg(num_members >= 1, m + "num_members", num_members, ">= 1", "MixMo uses 2; 1 is a single network.")
+        check_arg(alpha >= 0, m + "alpha", alpha, ">= 0", "Dirichlet concentration: 2 in MixMo, 0 gives MIMO's 1/M.")
+        check_arg(0.0 <= cutmix_prob <= 1.0, m + "cutmix_prob", cutmix_prob, prob, "0.5 in Cut-MixMo, 0 in MIMO.")
+        check_arg(0.0 <= msda_prob <= 1.0, m + "msda_prob", msda_prob, prob, "A fraction: 0.5, not 50.")
+        check_arg(msda_beta > 0, m + "msda_beta", msda_beta, "> 0", "1 in MixMo: lam' ~ Beta(1, 1).")
+        check_arg(weight_root > 0, m + "weight_root", weight_root, "> 0", "3 in MixMo, 1 for MIMO.")
+        check_arg(batch_repetitions >= 1, m + "batch_repetitions", batch_repetitions, ">= 1", "4 in MixMo; 1: 1-nets.")
+        check_arg(0.0 <= proba_input_repetition <= 1.0, m + "proba_input_repetition", proba_input_repetition, prob)
+        check_arg(l2_reg >= 0, m + "l2_reg", l2_reg, ">= 0", "3e-4 in the CIFAR recipes, 0 turns it off.")
+        check_arg(not kwargs.get("label_smoothing"), m + "label_smoothing", kwargs.get("label_smoothing"), "0",
+                  "MixMo trains on soft mixed targets; set it to 0.")
         super().__init__(backbone, num_classes, image_shape, **kwargs)
         for seam in ("stem", "body", "pool", "head"):
             if not isinstance(getattr(self.network, seam, None), nn.Module):
-                raise ValueError(
-                    f"MixMo needs a backbone with `stem`, `body`, `pool` and `head` modules; "
+                raise ConfigError(
+                    f"model.init_args.backbone: MixMo needs a backbone with `stem`, `body`, `pool` and `head` "
+                    "modules; "
                     f"{type(self.network).__name__} has no `{seam}`. Use a manynets.networks backbone."
                 )
         self.num_members = num_members
@@ -279,8 +273,8 @@ class MixMoModule(ClassifierModule):
 
     def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         super().test_step(batch, batch_idx, dataloader_idx)
-        member_logits = self._last_logits
-        labels = self.evaluation_labels(batch[1], member_logits)
+        member_logits = self._last_logits  # of every image of the batch (checked by the base test_step)
+        labels = batch[1]
         ensemble = self._ensemble(member_logits).float()
         if member_logits.dim() == 3:
             self.ratio_errors[dataloader_idx].update(member_logits, labels)

@@ -35,6 +35,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 
 from manynets.cuda_ops.pi_kernel import DEFAULT_CHUNK
+from manynets.errors import ConfigError, check_arg
 from manynets.layers.pi import InfPiLayer, StateDtype, pi_layer_rows
 from manynets.layers.pi_finite import FinPiMLP
 from manynets.layers.pi_mlp import InfMLP, estimate_memory
@@ -49,7 +50,7 @@ def build_pi_mlp(num_classes: int, image_shape: tuple[int, int, int], *, width: 
     for size in image_shape:
         d_in *= int(size)
     if width < 0:
-        raise ValueError(f"model.width={width}; expected 0 (infinite π-net) or the finite width n >= 1.")
+        raise ConfigError(f"model.init_args.width = {width}: expected 0 (infinite π-net) or the finite width n >= 1.")
     if width == 0:
         return InfMLP(d_in, num_classes, **kwargs)
     kwargs = {k: v for k, v in kwargs.items() if k not in ("readout_zero_init", "state_dtype", "chunk_size")}
@@ -118,11 +119,21 @@ class PiNetModule(ClassifierModule):
         loss: Literal["xent", "mse"] = "xent",
         init_seed: int | None = None,
     ) -> None:
-        if backbone is not None:
-            raise ValueError(
-                "PiNetModule builds its own π-MLP on flattened images; remove model.init_args.backbone "
-                "(set r, depth and width on the model instead)."
-            )
+        m = "model.init_args."
+        check_arg(backbone is None, m + "backbone", backbone, "unset: PiNetModule builds its own π-MLP on flattened "
+                  "images, so remove model.init_args.backbone", "Set r, depth and width on the model instead.")
+        check_arg(width >= 0, m + "width", width, "0 (infinite π-net) or the finite width n >= 1")
+        check_arg(r >= 1, m + "r", r, ">= 1 (rank of the π-limit)", "The paper uses r = 200.")
+        check_arg(depth >= 1, m + "depth", depth, ">= 1 hidden layers", "pilimit_lib's --depth k is depth: k + 1.")
+        check_arg(chunk_size >= 1, m + "chunk_size", chunk_size, ">= 1 rows per kernel chunk")
+        check_arg(gclip >= 0, m + "gclip", gclip, ">= 0", "0 turns gradient clipping off.")
+        for name, mult in (("first_layer_lr_mult", first_layer_lr_mult), ("last_layer_lr_mult", last_layer_lr_mult),
+                           ("bias_lr_mult", bias_lr_mult)):  # fmt: skip
+            check_arg(mult >= 0, m + name, mult, ">= 0", "0 freezes the group.")
+        target = _factory_target(optimizer)
+        check_arg(target is not None and issubclass(target, PiSGD), m + "optimizer",
+                  getattr(target, "__name__", optimizer), "manynets.layers.pi_optim.PiSGD (it appends rows to the "
+                  "π-layers)", "Set model.init_args.optimizer.class_path: manynets.layers.pi_optim.PiSGD.")
         factory = functools.partial(
             build_pi_mlp, width=width, gaussian_init=gaussian_init, gproj=gproj, r=r, depth=depth,
             first_layer_alpha=first_layer_alpha, last_layer_alpha=last_layer_alpha, bias_alpha=bias_alpha,
@@ -151,15 +162,6 @@ class PiNetModule(ClassifierModule):
                 wd_mult = 1.0 if h.apply_lr_mult_to_wd or mult == 0 else 1.0 / mult
                 groups.append({"params": params, "lr_mult": mult, "wd_mult": wd_mult})
         return groups
-
-    def configure_optimizers(self) -> Any:
-        target = _factory_target(self.optimizer_factory)
-        if target is None or not issubclass(target, PiSGD):
-            raise ValueError(
-                f"PiNetModule needs optimizer manynets.layers.pi_optim.PiSGD (it appends rows to the π-layers); "
-                f"got {getattr(target, '__name__', self.optimizer_factory)}. Set optimizer.class_path accordingly."
-            )
-        return super().configure_optimizers()
 
     # -- training ------------------------------------------------------------------
     def training_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,7 +33,8 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable, instantiate_module
 from torch import nn
 
-from manynets.callbacks.saturation import log_figure, select_layers
+from manynets.callbacks.saturation import check_layer_options, log_figure, select_layers
+from manynets.errors import check_arg
 from manynets.layers.probes import (
     LinearProbe,
     ProbeAccuracy,
@@ -50,7 +51,7 @@ def load_backbone(checkpoint: str, num_classes: int = 0, image_shape: tuple = ()
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(
-            f"ProbeModule checkpoint '{checkpoint}' is not a file; give a .ckpt written by `manynets fit` "
+            f"model.init_args.checkpoint = '{checkpoint}' is not a file; give a .ckpt written by `manynets fit` "
             "(e.g. <run>/checkpoints/last.ckpt)."
         )
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -68,6 +69,9 @@ def load_backbone(checkpoint: str, num_classes: int = 0, image_shape: tuple = ()
     state = {k[len("network.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("network.")}
     network.load_state_dict(state, strict=True)
     return network
+
+
+_SKLEARN_SOLVERS = ("lbfgs", "liblinear", "newton-cg", "newton-cholesky", "sag", "saga")
 
 
 def _deferred_backbone(num_classes: int, image_shape: tuple) -> nn.Module:
@@ -99,6 +103,8 @@ class ProbeModule(ClassifierModule):
         Other arguments: see :class:`ClassifierModule` (the optimizer sees only the probes).
     """
 
+    loads_own_weights = True  # `manynets test` needs no --ckpt_path: its backbone comes from model.init_args.checkpoint
+
     def __init__(
         self,
         checkpoint: str = "",
@@ -125,17 +131,21 @@ class ProbeModule(ClassifierModule):
         warmup_epochs: int = 0,
         no_weight_decay: list[str] | None = None,
     ) -> None:
-        if bool(checkpoint) == (backbone is not None):
-            raise ValueError(
-                "ProbeModule needs exactly one of checkpoint (a trained manynets .ckpt) and backbone "
-                f"(a fresh one); got checkpoint={checkpoint!r}, backbone={backbone!r}."
-            )
-        if pixelwise and sklearn_reference:
-            raise ValueError("ProbeModule: sklearn_reference supports pooled features only; set pixelwise=false")
-        if C <= 0:
-            raise ValueError(f"ProbeModule C={C}; expected > 0 (inverse L2 strength, scikit-learn's C)")
-        if solver not in ("sgd", "lbfgs"):
-            raise ValueError(f"ProbeModule solver={solver!r}; expected 'sgd' (streaming) or 'lbfgs' (exact, in memory)")
+        m = "model.init_args."
+        check_arg(bool(checkpoint) != (backbone is not None), m + "checkpoint", checkpoint,
+                  f"exactly one of checkpoint (a trained manynets .ckpt) and backbone (a fresh one); backbone is "
+                  f"{backbone!r}", "Give one of model.init_args.checkpoint and model.init_args.backbone.")
+        check_layer_options(m, layers, types)
+        check_arg(not (pixelwise and sklearn_reference), m + "sklearn_reference", sklearn_reference,
+                  "false with pixelwise: true", "sklearn_reference supports pooled features only.")
+        check_arg(pool_size >= 1, m + "pool_size", pool_size, ">= 1 (maps pooled to d x d)", "PHD-LAB uses 4.")
+        check_arg(C > 0, m + "C", C, "> 0 (inverse L2 strength, scikit-learn's C)")
+        check_arg(solver in ("sgd", "lbfgs"), m + "solver", solver, "'sgd' (streaming) or 'lbfgs' (exact, in memory)")
+        check_arg(reference_solver in _SKLEARN_SOLVERS, m + "reference_solver", reference_solver,
+                  f"a LogisticRegression solver: {', '.join(_SKLEARN_SOLVERS)}")
+        check_arg(reference_max_iter >= 1, m + "reference_max_iter", reference_max_iter, ">= 1")
+        check_arg(lbfgs_max_iter >= 1, m + "lbfgs_max_iter", lbfgs_max_iter, ">= 1", "100 is scikit-learn's default.")
+        check_arg(max_cache_gib > 0, m + "max_cache_gib", max_cache_gib, "> 0 GiB")
         super().__init__(backbone or _deferred_backbone, num_classes, image_shape, optimizer, lr_scheduler,
                          scheduler_interval, warmup_steps, warmup_epochs, no_weight_decay)  # fmt: skip
         self.checkpoint = checkpoint

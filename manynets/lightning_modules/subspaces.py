@@ -37,6 +37,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from manynets.errors import check_arg
 from manynets.layers.subspace import (
     Kind,
     cosine_similarity_squared,
@@ -88,18 +89,17 @@ class SubspaceModule(ClassifierModule):
         bn_batches: int | None = None,
         **kwargs: Any,
     ) -> None:
-        if kind != "simplex" and num_vertices is not None:
-            raise ValueError(f"model.num_vertices={num_vertices} is only for kind: simplex (kind is {kind!r}).")
+        m = "model.init_args."
+        check_arg(kind == "simplex" or num_vertices is None, m + "num_vertices", num_vertices,
+                  f"null for kind: {kind}", "num_vertices is only for kind: simplex.")
+        check_arg(kind != "simplex" or (num_vertices is not None and 2 <= num_vertices <= 9), m + "num_vertices",
+                  num_vertices, "an int in 2..9 for kind: simplex", "The official code has SimplexConv2..9.")
         num_sets = num_parameter_sets(kind, num_vertices)
-        if num_samples < 1:
-            raise ValueError(f"model.num_samples={num_samples}; expected >= 1 (points per batch).")
-        if beta < 0:
-            raise ValueError(f"model.beta={beta}; expected >= 0 (weight of the cos^2 regulariser).")
-        if recompute_bn_every_n_epochs < 0 or (bn_batches is not None and bn_batches < 1):
-            raise ValueError(
-                f"model.recompute_bn_every_n_epochs={recompute_bn_every_n_epochs}, bn_batches={bn_batches}; "
-                "expected >= 0 and None or >= 1."
-            )
+        check_arg(num_samples >= 1, m + "num_samples", num_samples, ">= 1 (points per batch)")
+        check_arg(beta >= 0, m + "beta", beta, ">= 0 (weight of the cos^2 regulariser)", "1.0 officially; 0 is off.")
+        check_arg(recompute_bn_every_n_epochs >= 0, m + "recompute_bn_every_n_epochs", recompute_bn_every_n_epochs,
+                  ">= 0", "0 never recomputes before validation.")
+        check_arg(bn_batches is None or bn_batches >= 1, m + "bn_batches", bn_batches, "null (whole epoch) or >= 1")
         super().__init__(backbone, num_classes, image_shape, **kwargs)
         self.kind, self.num_vertices, self.num_sets = kind, num_vertices, num_sets
         sources = None

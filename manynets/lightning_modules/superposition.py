@@ -3,7 +3,10 @@ Neural Networks Exploiting Computation in Superposition", NeurIPS 2023; spec §1
 
 Forward pass at the backbone seams (spec §1.1), for a call superposing n | N images:
 
-1. truncate the batch to B' = B - (B mod n); ``stem`` on every image;
+1. training truncates the batch to B' = B - (B mod n) (as the official code; a shuffled loader drops a
+   different remainder every epoch); evaluation instead completes a last partial group with copies of
+   the batch's first images and discards their outputs, so every image of the set is scored once
+   (:func:`pad_to_groups` says why copies and not zeros); ``stem`` on every image;
 2. groups of n consecutive images, repeated r = N/n times over the N slots (slot j holds image
    j mod n), each slot bound with its key and the slots summed (:mod:`manynets.layers.binding`);
 3. ``body`` and ``pool`` once per group, i.e. on B'/n superposed maps (the speed-up);
@@ -18,6 +21,9 @@ and ``test/n{n}/...`` plus ``test/n{n}/images_per_s`` (forward time of the netwo
 the test loop, with CUDA synchronisation). ``val/...`` and ``test/...`` without ``n{n}`` are at n = N.
 Evaluation batches superpose consecutive images of the (unshuffled) loader; the official evaluation
 shuffles, so its partners are random: either way each image is evaluated with other test images.
+The official evaluation also truncates every batch to a multiple of n, dropping up to n - 1 images
+per batch; here every image is scored (metrics and ``images_per_s`` count the real images only; the
+time includes the padded group).
 
 Epochs: MIMOConv counts one epoch as N passes over the data with a batch of 128·N images (so about
 390 steps per epoch for every N). The configs keep Lightning's epoch (one pass) and state the paper's
@@ -41,6 +47,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
+from manynets.errors import ConfigError, check_arg
 from manynets.layers.binding import (
     HRRBinding,
     LearnedUnbinding,
@@ -52,6 +59,7 @@ from manynets.layers.isometry import isometry_regularization
 from manynets.lightning_modules.classifier import (
     BackboneFactory,
     ClassifierModule,
+    check_scored,
     classification_metrics,
 )
 from manynets.networks.wide_resnet import isometry_convs
@@ -70,6 +78,30 @@ def mixup(images: Tensor, labels: Tensor, alpha: float, generator: torch.Generat
     lam = float(beta.sample())
     perm = torch.randperm(images.shape[0], device=images.device, generator=generator)
     return lam * images + (1 - lam) * images[perm], labels, labels[perm], lam
+
+
+def pad_to_groups(images: Tensor, n: int) -> Tensor:
+    """``images`` (B, ...) followed by copies of the batch's first images, up to a multiple of n rows.
+
+    Evaluation pads a batch's last partial group this way and discards the padded rows' outputs, so
+    each image is scored exactly once. **Copies of real images, not zeros**, because a superposed
+    image's prediction depends on its partners: the official evaluation (spec §1.4) superposes each
+    image with other test images (random ones: its loader shuffles), and a copy of another image of
+    the batch is just such a partner, so the last group's real images are predicted as in any full
+    group. A zero (data-mean) image is a partner never seen in training: its stem output is one
+    constant map, bound and summed into the group, which changes the real images' predictions in a
+    way no test partner would. With B >= n the copies are of the first group's images, all distinct
+    from the partial group's. Only a batch with fewer than n images (``eval_batch_size`` < n, or a
+    set's last batch) cycles through itself, so an image may be superposed with copies of itself:
+    it then fills more slots, like a smaller n (no other image interferes); the official code drops
+    such a batch. Eval batch sizes that are multiples of N avoid it except for
+    the set's last batch.
+    """
+    missing = -images.shape[0] % n
+    if missing == 0:
+        return images
+    copies = torch.arange(missing, device=images.device) % images.shape[0]
+    return torch.cat([images, images[copies]])
 
 
 def divisors(n: int) -> list[int]:
@@ -114,27 +146,24 @@ class SuperpositionModule(ClassifierModule):
         eval_n: list[int] | None = None,
         **kwargs: Any,
     ) -> None:
-        if capacity < 1:
-            raise ValueError(f"model.capacity={capacity}; expected the number of slots N >= 1.")
-        if binding not in ("none", "hrr", "mbat"):
-            raise ValueError(f"model.binding={binding!r}; expected 'none', 'hrr' or 'mbat'.")
-        if not 0.0 <= sup_frequency <= 1.0:
-            raise ValueError(f"model.sup_frequency={sup_frequency}; expected a fraction in [0, 1].")
-        if sup_low is not None and (sup_low < 1 or capacity % sup_low):
-            raise ValueError(
-                f"model.sup_low={sup_low} must divide model.capacity={capacity}; use one of {divisors(capacity)}."
-            )
-        for n in eval_n or []:
-            if n < 1 or capacity % n:
-                raise ValueError(f"model.eval_n has {n}, which does not divide capacity={capacity}; "
-                                 f"use values from {divisors(capacity)}.")
-        if mixup_alpha < 0:
-            raise ValueError(f"model.mixup_alpha={mixup_alpha}; expected >= 0 (0 disables mixup).")
+        m = "model.init_args."
+        check_arg(capacity >= 1, m + "capacity", capacity, "the number of slots N >= 1")
+        check_arg(binding in ("none", "hrr", "mbat"), m + "binding", binding, "'none', 'hrr' or 'mbat'")
+        check_arg(0.0 <= sup_frequency <= 1.0, m + "sup_frequency", sup_frequency, "a fraction in [0, 1]",
+                  "A fraction of the batches: 0.5, not 50.")
+        check_arg(sup_low is None or (sup_low >= 1 and capacity % sup_low == 0), m + "sup_low", sup_low,
+                  f"a divisor of {m}capacity = {capacity}", f"Use one of {divisors(capacity)}, or null (static).")
+        bad = [n for n in eval_n or [] if n < 1 or capacity % n]
+        check_arg(not bad, m + "eval_n", eval_n, f"divisors of {m}capacity = {capacity}",
+                  f"{bad} do not divide it; use values from {divisors(capacity)}.")
+        check_arg(mixup_alpha >= 0, m + "mixup_alpha", mixup_alpha, ">= 0", "0 disables mixup.")
+        check_arg(bind_weight >= 0, m + "bind_weight", bind_weight, ">= 0", "0.1 in MIMOConv; 0 turns R_bind off.")
+        check_arg(isometry_weight >= 0, m + "isometry_weight", isometry_weight, ">= 0", "1e-4 for MIMONet; 0 is off.")
         super().__init__(backbone, num_classes, image_shape, optimizer, **kwargs)
         missing = [s for s in _SEAMS if not hasattr(self.network, s)]
         if missing:
-            raise ValueError(
-                f"SuperpositionModule needs a backbone with the seams {_SEAMS}; "
+            raise ConfigError(
+                f"model.init_args.backbone: SuperpositionModule needs a backbone with the seams {_SEAMS}; "
                 f"{type(self.network).__name__} lacks {missing}. Use a manynets.networks backbone."
             )
         self.capacity = capacity
@@ -154,10 +183,19 @@ class SuperpositionModule(ClassifierModule):
         self._throughput: dict[int, list[float]] = {}
 
     # -- the superposed forward pass -----------------------------------------------
-    def forward_superposed(self, images: Tensor, n: int | None = None) -> Tensor:
-        """Logits (B', C) of the first B' = B - (B mod n) images, n per superposition (default N)."""
+    def forward_superposed(self, images: Tensor, n: int | None = None, pad: bool = False) -> Tensor:
+        """Logits of a batch of B images, n per superposition (default N), groups of consecutive images.
+
+        ``pad=False`` (training, the official behaviour): logits (B', C) of the first
+        B' = B - (B mod n) images; the remainder is dropped. ``pad=True`` (evaluation): logits (B, C)
+        of every image; a last partial group is completed by :func:`pad_to_groups`, whose rows are
+        discarded.
+        """
         n = self.capacity if n is None else n
         check_slots(n, self.capacity)
+        batch = images.shape[0]
+        if pad:
+            images = pad_to_groups(images, n)
         kept = images.shape[0] - images.shape[0] % n
         if kept == 0:
             raise ValueError(f"A batch of {images.shape[0]} images holds no full superposition of n={n}; "
@@ -167,13 +205,15 @@ class SuperpositionModule(ClassifierModule):
         x = self.network.stem(images[:kept])
         x = self.binding(x.view(kept // n, n, *x.shape[1:]))
         features = self.network.pool(self.network.body(x))
-        return self.network.head(self.unbinding(features, n))
+        logits = self.network.head(self.unbinding(features, n))
+        return logits[:batch] if pad else logits
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.forward_superposed(images, self.capacity)
+        """Evaluation logits (B, C) at n = N, every image (padded groups, see :func:`pad_to_groups`)."""
+        return self.forward_superposed(images, self.capacity, pad=True)
 
     def predict_logits(self, images: Tensor) -> Tensor:
-        return self.forward_superposed(images, self.capacity)
+        return self.forward_superposed(images, self.capacity, pad=True)
 
     # -- training ------------------------------------------------------------------
     def sample_n(self) -> int:
@@ -192,7 +232,7 @@ class SuperpositionModule(ClassifierModule):
     def training_loss(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         n = self.sample_n()
         mixed, y_a, y_b, lam = mixup(images, labels, self.mixup_alpha)
-        logits = self.forward_superposed(mixed, n)
+        logits = self.forward_superposed(mixed, n)  # the first B - (B mod n) images (official truncation)
         kept = logits.shape[0]
         ls = self.hparams.label_smoothing
         loss = lam * F.cross_entropy(logits, y_a[:kept], label_smoothing=ls)
@@ -211,11 +251,11 @@ class SuperpositionModule(ClassifierModule):
     def validation_step(self, batch, batch_idx: int) -> None:
         images, labels = batch
         for n in self.eval_n:
-            logits = self.forward_superposed(images, n).float()
-            y = labels[: logits.shape[0]]
-            self.val_n_metrics[str(n)].update(logits, y)
+            logits = self.forward_superposed(images, n, pad=True).float()
+            check_scored(logits, labels)
+            self.val_n_metrics[str(n)].update(logits, labels)
             if n == self.capacity:
-                self.val_metrics.update(logits, y)
+                self.val_metrics.update(logits, labels)
         for name, metric in self.val_metrics.items():
             self.log(name, metric, prog_bar=name == "val/acc")
         for collection in self.val_n_metrics.values():
@@ -235,7 +275,7 @@ class SuperpositionModule(ClassifierModule):
         if sync:
             torch.cuda.synchronize(images.device)
         start = time.perf_counter()
-        logits = self.forward_superposed(images, n)
+        logits = self.forward_superposed(images, n, pad=True)
         if sync:
             torch.cuda.synchronize(images.device)
         self._throughput[n][0] += logits.shape[0]
@@ -246,10 +286,10 @@ class SuperpositionModule(ClassifierModule):
         images, labels = batch
         for n in self.eval_n:
             logits = self._timed_forward(images, n).float()
-            y = labels[: logits.shape[0]]
-            self.test_n_metrics[dataloader_idx][str(n)].update(logits, y)
+            check_scored(logits, labels)
+            self.test_n_metrics[dataloader_idx][str(n)].update(logits, labels)
             if n == self.capacity:
-                self.test_metrics[dataloader_idx]["ensemble"].update(logits, y)
+                self.test_metrics[dataloader_idx]["ensemble"].update(logits, labels)
 
     def extra_test_metrics(self, index: int) -> dict[str, torch.Tensor]:
         """``n{n}/{acc,nll,ece,brier}`` of test set ``index`` at every tested n (logged by the base class)."""

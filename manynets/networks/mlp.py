@@ -21,6 +21,10 @@ import math
 import torch
 from torch import nn
 
+from manynets.errors import check_arg
+
+_ARG = "model.init_args.backbone.init_args."  # how a config names a backbone option
+
 
 class MLP(nn.Module):
     """flatten -> ``depth`` x (Linear(width) + ReLU) -> Linear head, split at the usual seams.
@@ -47,8 +51,8 @@ class MLP(nn.Module):
         bias: bool = True,
     ) -> None:
         super().__init__()
-        if depth < 1 or width < 1:
-            raise ValueError(f"MLP depth={depth}, width={width}; expected both >= 1")
+        check_arg(depth >= 1, _ARG + "depth", depth, ">= 1 hidden layers")
+        check_arg(width >= 1, _ARG + "width", width, ">= 1 units per hidden layer")
         self.stem_channels = self.feature_dim = width
         self.stem = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(image_shape), width, bias=bias), nn.ReLU())
         layers: list[nn.Module] = []

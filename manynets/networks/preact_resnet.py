@@ -22,7 +22,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .wide_resnet import he_trunc_normal_
+from manynets.errors import check_arg
+
+from .wide_resnet import _ARG, he_trunc_normal_
 
 _BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 
@@ -73,10 +75,9 @@ class PreActResNet(nn.Module):
         init: Literal["kaiming_fan_out", "mixmo"] = "kaiming_fan_out",
     ) -> None:
         super().__init__()
-        if depth not in _BLOCKS:
-            raise ValueError(f"PreActResNet depth={depth}; expected one of {sorted(_BLOCKS)}")
-        if width < 1:
-            raise ValueError(f"PreActResNet width={width}; expected >= 1")
+        check_arg(depth in _BLOCKS, _ARG + "depth", depth, f"one of {sorted(_BLOCKS)}")
+        check_arg(width >= 1, _ARG + "width", width, ">= 1 (the widening factor)")
+        check_arg(stem_stride >= 1, _ARG + "stem_stride", stem_stride, ">= 1", "MixMo uses 2 for 64 px Tiny ImageNet.")
         self.stem_channels = 64
         self.stem = nn.Conv2d(image_shape[0], 64, 3, stem_stride, 1, bias=False)
         blocks: list[nn.Module] = []

@@ -35,6 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from manynets.errors import check_arg
+
+_ARG = "model.init_args.backbone.init_args."  # how a config names a backbone option
 _BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 
 
@@ -132,14 +135,13 @@ class ResNet(nn.Module):
         init: Literal["kaiming_fan_out", "kaiming_fan_in"] = "kaiming_fan_out",
     ) -> None:
         super().__init__()
-        if blocks is None:
-            if depth not in _BLOCKS:
-                raise ValueError(f"ResNet depth={depth}; expected one of {sorted(_BLOCKS)} or give blocks")
-            blocks = _BLOCKS[depth]
-        if len(blocks) == 0 or min(blocks) < 1:
-            raise ValueError(f"ResNet blocks={blocks}; expected a non-empty tuple of positive ints")
-        if width_divisor < 1 or 64 % width_divisor:
-            raise ValueError(f"ResNet width_divisor={width_divisor}; expected a divisor of 64 (1, 2, 4, 8)")
+        check_arg(blocks is not None or depth in _BLOCKS, _ARG + "depth", depth, f"one of {sorted(_BLOCKS)}",
+                  "Or give blocks per stage, e.g. [1, 1, 1, 5].")
+        blocks = _BLOCKS[depth] if blocks is None else blocks
+        check_arg(len(blocks) > 0 and min(blocks) >= 1, _ARG + "blocks", blocks, "a non-empty list of counts >= 1")
+        check_arg(width_divisor >= 1 and 64 % width_divisor == 0, _ARG + "width_divisor", width_divisor,
+                  "a divisor of 64 (1, 2, 4, 8)")
+        check_arg(stem in ("imagenet", "cifar"), _ARG + "stem", stem, "'imagenet' or 'cifar'")
         c0 = 64 // width_divisor
         self.stem_channels = c0
         if stem == "imagenet":
@@ -147,10 +149,8 @@ class ResNet(nn.Module):
                 nn.Conv2d(image_shape[0], c0, 7, 2, 3, bias=False), nn.BatchNorm2d(c0), nn.ReLU(),
                 nn.MaxPool2d(3, 2, 1),
             )
-        elif stem == "cifar":
+        else:  # cifar
             self.stem = nn.Sequential(nn.Conv2d(image_shape[0], c0, 3, 1, 1, bias=False), nn.BatchNorm2d(c0), nn.ReLU())
-        else:
-            raise ValueError(f"ResNet stem={stem!r}; expected 'imagenet' or 'cifar'")
         layers: list[nn.Module] = []
         c_in = c0
         for stage, n in enumerate(blocks):
@@ -202,8 +202,8 @@ class CifarResNet(nn.Module):
         init: Literal["kaiming_fan_out", "kaiming_fan_in"] = "kaiming_fan_in",
     ) -> None:
         super().__init__()
-        if depth < 8 or (depth - 2) % 6:
-            raise ValueError(f"CifarResNet depth={depth}; expected 6n+2 (20, 32, 44, 56, 110)")
+        check_arg(depth >= 8 and (depth - 2) % 6 == 0, _ARG + "depth", depth, "6n+2 >= 8 (20, 32, 44, 56, 110)")
+        check_arg(width >= 1, _ARG + "width", width, ">= 1 channels of the first stage", "16 in He et al.")
         n = (depth - 2) // 6
         self.stem_channels = width
         self.stem = nn.Sequential(nn.Conv2d(image_shape[0], width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())

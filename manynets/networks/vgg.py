@@ -22,6 +22,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from manynets.errors import check_arg
+
 CONFIGS: dict[int, tuple[int | str, ...]] = {
     11: (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
     13: (64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
@@ -32,6 +34,9 @@ CONFIGS: dict[int, tuple[int | str, ...]] = {
 
 def _conv_bn_relu(c_in: int, c_out: int) -> list[nn.Module]:
     return [nn.Conv2d(c_in, c_out, 3, 1, 1), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+
+_ARG = "model.init_args.backbone.init_args."  # how a config names a backbone option
 
 
 class VGG(nn.Module):
@@ -63,10 +68,11 @@ class VGG(nn.Module):
         dropout: float = 0.25,
     ) -> None:
         super().__init__()
-        if depth not in CONFIGS:
-            raise ValueError(f"VGG depth={depth}; expected one of {sorted(CONFIGS)}")
-        if width_divisor < 1 or 64 % width_divisor:
-            raise ValueError(f"VGG width_divisor={width_divisor}; expected a divisor of 64 (1, 2, 4, 8, 16)")
+        check_arg(depth in CONFIGS, _ARG + "depth", depth, f"one of {sorted(CONFIGS)}")
+        check_arg(width_divisor >= 1 and 64 % width_divisor == 0, _ARG + "width_divisor", width_divisor,
+                  "a divisor of 64", "PHD-LAB's _S/_XS/_XXS/_XXXS are 2/4/8/16.")
+        check_arg(head in ("phdlab", "linear"), _ARG + "head", head, "'phdlab' or 'linear'")
+        check_arg(0.0 <= dropout < 1.0, _ARG + "dropout", dropout, "a probability in [0, 1)", "PHD-LAB uses 0.25.")
         cfg = [v if v == "M" else int(v) // width_divisor for v in CONFIGS[depth]]
         c0 = int(cfg[0])
         self.stem_channels = c0
@@ -88,10 +94,8 @@ class VGG(nn.Module):
                 nn.BatchNorm1d(c_in), nn.Dropout(dropout), nn.Linear(c_in, hidden), nn.ReLU(),
                 nn.BatchNorm1d(hidden), nn.Dropout(dropout), nn.Linear(hidden, num_classes),
             )
-        elif head == "linear":
+        else:  # linear
             self.head = nn.Linear(c_in, num_classes)
-        else:
-            raise ValueError(f"VGG head={head!r}; expected 'phdlab' or 'linear'")
 
         for m in self.modules():
             if isinstance(m, nn.Conv2d):

@@ -37,6 +37,9 @@ from typing import Literal
 import torch
 from torch import nn
 
+from manynets.errors import check_arg
+
+_ARG = "model.init_args.backbone.init_args."  # how a config names a backbone option
 Activation = Literal["relu", "prelu", "srelu"]
 
 # Standard deviation of a unit normal truncated to [-2, 2]: dividing the target std by it
@@ -193,10 +196,13 @@ class WideResNet(nn.Module):
         init_slope: float | None = None,
     ) -> None:
         super().__init__()
-        if depth < 10 or (depth - 4) % 6:
-            raise ValueError(f"WideResNet depth={depth}; expected 6n+4 >= 10 (10, 16, 22, 28, 40)")
-        if width < 1 or initial_width < 1:
-            raise ValueError(f"WideResNet width={width}, initial_width={initial_width}; expected >= 1")
+        check_arg(depth >= 10 and (depth - 4) % 6 == 0, _ARG + "depth", depth, "6n+4 >= 10 (10, 16, 22, 28, 40)")
+        check_arg(width >= 1, _ARG + "width", width, ">= 1 (the widening factor)", "WRN-28-10 has width 10.")
+        check_arg(initial_width >= 1, _ARG + "initial_width", initial_width, ">= 1", "MIMONet uses 4.")
+        check_arg(stem_stride >= 1, _ARG + "stem_stride", stem_stride, ">= 1")
+        check_arg(0.0 <= dropout < 1.0, _ARG + "dropout", dropout, "a probability in [0, 1)")
+        check_arg(activation in ("relu", "prelu", "srelu"), _ARG + "activation", activation,
+                  "'relu', 'prelu' or 'srelu'")
         n = (depth - 4) // 6
         c0 = 16 * initial_width
         widths = (16 * width, 32 * width, 64 * width)
