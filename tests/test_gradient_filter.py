@@ -169,7 +169,7 @@ def test_non_finite_parameters_stop_the_run_and_are_never_checkpointed(tmp_path)
 
     flt = GradientFilter(ratio=1e12)
     trainer, run = _diverging_fit(tmp_path, Overflow({}), flt)
-    with pytest.raises(NonFiniteError, match="parameters became non-finite.*network.head.weight"):
+    with pytest.raises(NonFiniteError, match="weights became non-finite.*network.head.weight"):
         run()
     kept = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     assert kept["global_step"] == 4

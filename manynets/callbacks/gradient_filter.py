@@ -25,8 +25,8 @@ raise on a NaN/inf loss; its gradients are non-finite and the step is skipped.
 
 Divergence is never hidden: the run stops with :class:`~manynets.errors.NonFiniteError` when a whole
 training epoch was skipped, when ``max_consecutive_skips`` steps in a row were skipped, or when any
-parameter became non-finite after a step (checked once per step on the max-abs of every parameter,
-one fused reduction). The checkpoints already written are kept, and
+parameter or buffer (BN statistics) became non-finite after a step (checked once per step on the
+max-abs of every tensor, one fused reduction). The checkpoints already written are kept, and
 :class:`~manynets.callbacks.RunCheckpoint` never writes non-finite weights.
 
 Logged: ``train/grad_norm`` (pre-clip, per step) and ``train/skipped_steps`` (per epoch).
@@ -100,12 +100,13 @@ class GradientFilter(pl.Callback):
         pl_module.log("train/grad_norm", g, on_step=True, on_epoch=False)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
-        params = [p.detach() for p in pl_module.parameters()]
-        if params:
-            peaks = torch.stack([m.float() for m in torch._foreach_norm(params, float("inf"))])
+        named = [(n, t.detach()) for n, t in [*pl_module.named_parameters(), *pl_module.named_buffers()]
+                 if t.is_floating_point()]  # fmt: skip
+        if named:
+            peaks = torch.stack([m.float() for m in torch._foreach_norm([t for _, t in named], float("inf"))])
             if not bool(torch.isfinite(peaks).all()):
-                names = [n for (n, _), m in zip(pl_module.named_parameters(), peaks.tolist()) if not math.isfinite(m)]
-                self._stop(trainer, f"parameters became non-finite after the step ({', '.join(names[:3])})")
+                names = [n for (n, _), m in zip(named, peaks.tolist()) if not math.isfinite(m)]
+                self._stop(trainer, f"weights became non-finite after the step ({', '.join(names[:3])})")
 
     def _stop(self, trainer: pl.Trainer, what: str) -> None:
         kept = getattr(trainer.checkpoint_callback, "last_model_path", "") or "none written yet"

@@ -34,6 +34,7 @@ class RunCheckpoint(ModelCheckpoint):
 
     _last_saved_at: tuple[int, str] | None = None
     _hook: str = ""
+    _last_written: str = ""
 
     # -- when ---------------------------------------------------------------------
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
@@ -82,12 +83,13 @@ class RunCheckpoint(ModelCheckpoint):
             finite = torch.isfinite(peaks)
             if not bool(finite.all()):
                 bad = [n for (n, _), ok in zip(named, finite.tolist()) if not ok]
-                kept = self.last_model_path or self.best_model_path or "none written yet"
+                kept = self._last_written or "none written yet"
                 raise NonFiniteError(
                     f"Training diverged: {len(bad)} weight tensors hold NaN/inf at epoch {trainer.current_epoch}, "
                     f"step {trainer.global_step} (e.g. {', '.join(bad[:3])}), so '{filepath}' was not written. "
-                    f"The last finite checkpoint is kept: {kept}. Lower the learning rate, clip gradients "
-                    "(trainer.gradient_clip_val) or add manynets.callbacks.GradientFilter, then resume from it "
-                    "with --ckpt_path."
+                    f"The last finite checkpoint written is kept: {kept}. Lower the learning rate or clip "
+                    "gradients (trainer.gradient_clip_val, or the manynets.callbacks.GradientFilter callback), then "
+                    "resume from it with --ckpt_path."
                 )
         super()._save_checkpoint(trainer, filepath)
+        self._last_written = filepath
