@@ -40,6 +40,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from manynets.callbacks.run_checkpoint import nonfinite_weights
 from manynets.errors import NonFiniteError, check_arg
 
 
@@ -100,13 +101,9 @@ class GradientFilter(pl.Callback):
         pl_module.log("train/grad_norm", g, on_step=True, on_epoch=False)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
-        named = [(n, t.detach()) for n, t in [*pl_module.named_parameters(), *pl_module.named_buffers()]
-                 if t.is_floating_point()]  # fmt: skip
-        if named:
-            peaks = torch.stack([m.float() for m in torch._foreach_norm([t for _, t in named], float("inf"))])
-            if not bool(torch.isfinite(peaks).all()):
-                names = [n for (n, _), m in zip(named, peaks.tolist()) if not math.isfinite(m)]
-                self._stop(trainer, f"weights became non-finite after the step ({', '.join(names[:3])})")
+        bad = nonfinite_weights(pl_module)
+        if bad:
+            self._stop(trainer, f"weights became non-finite after the step ({', '.join(bad[:3])})")
 
     def _stop(self, trainer: pl.Trainer, what: str) -> None:
         kept = getattr(trainer.checkpoint_callback, "last_model_path", "") or "none written yet"

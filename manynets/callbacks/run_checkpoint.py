@@ -29,6 +29,17 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from manynets.errors import NonFiniteError
 
 
+def nonfinite_weights(module: torch.nn.Module) -> list[str]:
+    """Names of the floating-point parameters and buffers holding NaN/inf (one fused max-abs reduction)."""
+    named = [(n, t.detach()) for n, t in chain(module.named_parameters(), module.named_buffers()) if t.is_floating_point()]
+    if not named:
+        return []
+    peaks = torch.stack([m.float() for m in torch._foreach_norm([t for _, t in named], float("inf"))])
+    if bool(torch.isfinite(peaks).all()):
+        return []
+    return [n for (n, _), ok in zip(named, torch.isfinite(peaks).tolist()) if not ok]
+
+
 class RunCheckpoint(ModelCheckpoint):
     """ModelCheckpoint whose ``last.ckpt`` follows the run step by step (see the module docstring)."""
 
@@ -76,20 +87,15 @@ class RunCheckpoint(ModelCheckpoint):
 
     # -- what -----------------------------------------------------------------------
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
-        module = trainer.lightning_module
-        named = [(n, t) for n, t in chain(module.named_parameters(), module.named_buffers()) if t.is_floating_point()]
-        if named:
-            peaks = torch.stack([m.float() for m in torch._foreach_norm([t.detach() for _, t in named], float("inf"))])
-            finite = torch.isfinite(peaks)
-            if not bool(finite.all()):
-                bad = [n for (n, _), ok in zip(named, finite.tolist()) if not ok]
-                kept = self._last_written or "none written yet"
-                raise NonFiniteError(
-                    f"Training diverged: {len(bad)} weight tensors hold NaN/inf at epoch {trainer.current_epoch}, "
-                    f"step {trainer.global_step} (e.g. {', '.join(bad[:3])}), so '{filepath}' was not written. "
-                    f"The last finite checkpoint written is kept: {kept}. Lower the learning rate or clip "
-                    "gradients (trainer.gradient_clip_val, or the manynets.callbacks.GradientFilter callback), then "
-                    "resume from it with --ckpt_path."
-                )
+        bad = nonfinite_weights(trainer.lightning_module)
+        if bad:
+            kept = self._last_written or "none written yet"
+            raise NonFiniteError(
+                f"Training diverged: {len(bad)} weight tensors hold NaN/inf at epoch {trainer.current_epoch}, "
+                f"step {trainer.global_step} (e.g. {', '.join(bad[:3])}), so '{filepath}' was not written. "
+                f"The last finite checkpoint written is kept: {kept}. Lower the learning rate or clip "
+                "gradients (trainer.gradient_clip_val, or the manynets.callbacks.GradientFilter callback), then "
+                "resume from it with --ckpt_path."
+            )
         super()._save_checkpoint(trainer, filepath)
         self._last_written = filepath
