@@ -32,7 +32,7 @@ from lightning.pytorch.callbacks import Callback
 from manynets.errors import check_arg
 from manynets.layers.subspace import num_parameter_sets, subspace_coefficients
 from manynets.layers.subspace_bn import check_packed, collect_bn_statistics, packed_logits
-from manynets.lightning_modules.classifier import classification_metrics
+from manynets.metrics import classification_metrics
 
 _METRICS = ("acc", "nll", "ece", "brier")
 

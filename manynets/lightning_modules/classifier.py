@@ -31,31 +31,17 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
-from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
+from torchmetrics.classification import MulticlassAccuracy
 
 from manynets import random_state
 from manynets.errors import CheckpointMismatchError, ConfigError, NonFiniteError, check_arg
-from manynets.metrics import BrierScore, Disagreement, NegativeLogLikelihood
+from manynets.metrics import Disagreement, classification_metrics  # noqa: F401 (re-exported)
 
 BackboneFactory = Callable[[int, tuple[int, int, int]], nn.Module]
 """A backbone class with its options; called as ``backbone(num_classes, image_shape)``."""
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 _STEP_SCHEDULERS = ("OneCycleLR", "CyclicLR")
-
-
-def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
-    """acc, nll, ece (15 bins) and brier on logits (B, C) and int64 labels."""
-    return MetricCollection(
-        {
-            "acc": MulticlassAccuracy(num_classes, average="micro"),
-            "nll": NegativeLogLikelihood(),
-            "ece": MulticlassCalibrationError(num_classes, n_bins=15, norm="l1"),
-            "brier": BrierScore(),
-        },
-        prefix=prefix,
-    )
 
 
 def check_scored(logits: torch.Tensor, labels: torch.Tensor) -> None:

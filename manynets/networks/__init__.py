@@ -6,10 +6,11 @@ and ``stem_channels`` (output channels of ``stem``), and
 ``forward(x) == head(features(x))``, ``features(x) == pool(body(stem(x)))``.
 """
 
+from .base import Backbone
 from .mlp import MLP
 from .preact_resnet import PreActResNet
 from .resnet import CifarResNet, ResNet
 from .vgg import VGG
 from .wide_resnet import SReLU, WideResNet, isometry_convs
 
-__all__ = ["MLP", "CifarResNet", "PreActResNet", "ResNet", "SReLU", "VGG", "WideResNet", "isometry_convs"]
+__all__ = ["Backbone", "MLP", "CifarResNet", "PreActResNet", "ResNet", "SReLU", "VGG", "WideResNet", "isometry_convs"]
