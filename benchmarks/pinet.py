@@ -1,6 +1,6 @@
 """π-net step time and peak memory as the state grows: chunked kernel vs the straightforward formulation.
 
-Setup of BENCHMARKS.md: InfMLP r=100 with one infinite hidden layer and the readout (``depth: 2`` in manynets =
+Setup of BENCHMARKS.md: infinite PiMLP r=100 with one infinite hidden layer and the readout (``depth: 2`` in manynets =
 ``pilimit_lib`` depth 1; state 118.6 MiB at M = 1e5 in fp32, the official 119 MiB), batch 8, CIFAR-sized inputs.
 Every layer is first grown to M rows, then a few training steps (forward, backward, π-SGD append) are timed.
 
@@ -32,7 +32,7 @@ def _rss_bytes() -> int:
 
 def _grow(net, m: int) -> None:
     gen = torch.Generator().manual_seed(0)
-    for layer in net.pi_layers():
+    for layer in net.layers()[1:]:
         layer.resize_rows(m)
         layer.A.data.normal_(0, 0.01, generator=gen)
         B = torch.randn(layer.B.shape, generator=gen)
@@ -43,16 +43,16 @@ def _grow(net, m: int) -> None:
 def _naive_step(net, x, y, lr: float) -> None:
     from manynets.cuda_ops.pi_kernel import pi_forward_reference
 
-    g = net.input(x.flatten(1))
+    g = net.stem(x)
     saved = []
-    for layer in net.pi_layers():
+    for layer in net.layers()[1:]:
         s = g.norm(dim=1)
         gbar = g / s[:, None]
         out = pi_forward_reference(gbar, s, layer.A, layer.B, layer.Amult)
         out.retain_grad()
         saved.append((layer, out, s, gbar))
         g = out + layer.bias_alpha * layer.bias
-    loss = torch.nn.functional.cross_entropy(net.last_layer_alpha * g, y)
+    loss = torch.nn.functional.cross_entropy(net.head.alpha * g, y)
     loss.backward()
     with torch.no_grad():
         for layer, out, s, gbar in saved:
@@ -66,14 +66,14 @@ def _naive_step(net, x, y, lr: float) -> None:
 
 
 def run_case(method: str, m: int, steps: int, chunk: int, batch: int) -> dict:
-    from manynets.layers.pi_mlp import InfMLP
+    from manynets.networks import PiMLP
     from manynets.layers.pi_optim import PiSGD
 
     torch.manual_seed(0)
-    net = InfMLP(3072, 10, r=100, depth=2, chunk_size=chunk, seed=0)
+    net = PiMLP(10, (3, 32, 32), r=100, depth=2, chunk_size=chunk, seed=0)
     _grow(net, m)
     state = net.state_bytes()
-    opt = PiSGD([p for p in net.parameters() if p.requires_grad] + [l.Amult for l in net.pi_layers()], lr=0.01)
+    opt = PiSGD([p for p in net.parameters() if p.requires_grad] + [l.Amult for l in net.layers()[1:]], lr=0.01)
     x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
     base = _rss_bytes()
     times = []
@@ -117,7 +117,7 @@ def main() -> None:
                 continue
             results[(method, m)] = json.loads(done.stdout.strip().splitlines()[-1])
     mib = 2**20
-    print(f"InfMLP r=100 depth 2 (lib depth 1), batch {args.batch}, chunk {args.chunk}, {torch.get_num_threads()} threads")
+    print(f"PiMLP r=100 depth 2 (lib depth 1), batch {args.batch}, chunk {args.chunk}, {torch.get_num_threads()} threads")
     print(f"{'M rows':>9} | {'state MiB':>9} | {'unchunked ms':>12} | {'chunked ms':>10} | {'speed-up':>8} | "
           f"{'unchunked extra MiB':>19} | {'chunked extra MiB':>17}")  # fmt: skip
     per_row = []

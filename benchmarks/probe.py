@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from manynets.callbacks.saturation import Saturation, select_layers
+from manynets.analysis import SaturationTracker, extract_features, select_layers
+from manynets.callbacks import Saturation
 from manynets.lightning_modules import ClassifierModule, ProbeModule
 from manynets.networks import VGG, ResNet
 
@@ -106,11 +107,10 @@ def paired_step_overhead(pairs: int, device: str) -> dict[str, float]:
     x, y = torch.randn(64, 3, 32, 32, device=device), torch.randint(0, 10, (64,), device=device)
     ratios = {}
     for dtype in ("float64", "float32"):
-        sat = Saturation(modes=["train"], matmul_dtype=dtype, plot=False)
-        handles = [m.register_forward_hook(sat._make_hook(n)) for n, m in select_layers(net).items()]
+        sat = SaturationTracker(select_layers(net), matmul_dtype=getattr(torch, dtype))
 
         def step(tracked: bool) -> float:
-            sat._mode = "train" if tracked else None
+            sat.start("train" if tracked else None)
             if device == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
@@ -129,14 +129,13 @@ def paired_step_overhead(pairs: int, device: str) -> dict[str, float]:
             a, b = (step(True), step(False)) if i % 2 == 0 else reversed((step(False), step(True)))
             pair.append(a / b)
         ratios[dtype] = statistics.median(pair)
-        for h in handles:
-            h.remove()
+        sat.remove()
     return ratios
 
 
 def probe_table(epochs: int, device: str, tmp: str) -> list[tuple[str, float, float, float]]:
     from manynets.datamodules.digits import DigitsDataModule
-    from manynets.layers.probes import extract_features, sklearn_probe_accuracies
+    from manynets.layers.probes import sklearn_probe_accuracies
 
     backbone = partial(VGG, depth=11, width_divisor=4, head="linear")
     # 1257 training images = 3 x 419: the drop_last training loader sees every image, as the references do

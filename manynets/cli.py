@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 import uuid
 import warnings
@@ -87,9 +88,24 @@ class ManynetsCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """Settle the run directory and the checkpoint before Lightning restores hyper-parameters from it."""
         sub = self.config.get("subcommand")
-        if sub:
-            self._prepare_run(sub, self.config[sub])
-        super()._parse_ckpt_path()
+        if not sub:
+            return
+        self._prepare_run(sub, self.config[sub])
+        ckpt_path = self.config[sub].get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        # As LightningCLI does, plus the upgrade of hyper-parameters that a method has moved since.
+        hparams = dict(_load(ckpt_path).get("hyper_parameters", {}))
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        class_path = hparams.pop("_class_path", None)
+        upgrade = getattr(_model_class(class_path), "upgrade_hyperparameters", None)
+        if upgrade is not None:
+            hparams = upgrade(hparams)
+        if class_path:
+            hparams = {"class_path": class_path, "dict_kwargs": hparams}
+        self.config = self.parser.parse_object({sub: {"model": hparams}}, self.config)
 
     def _prepare_run(self, sub: str, cfg: Namespace) -> None:
         root = Path(cfg.trainer.default_root_dir or os.getcwd()).expanduser()
@@ -206,15 +222,18 @@ def _check_checkpoint(ckpt_path: str, wanted: str | None) -> None:
         )
 
 
-def _model_class_attr(class_path: str | None, attr: str) -> bool:
+def _model_class(class_path: str | None) -> type | None:
     if not class_path:
-        return False
+        return None
     module, _, name = class_path.rpartition(".")
     try:
-        cls = getattr(importlib.import_module(module), name) if module else getattr(manynets.lightning_modules, name)
+        return getattr(importlib.import_module(module), name) if module else getattr(manynets.lightning_modules, name)
     except (ImportError, AttributeError):
-        return False
-    return bool(getattr(cls, attr, False))
+        return None
+
+
+def _model_class_attr(class_path: str | None, attr: str) -> bool:
+    return bool(getattr(_model_class(class_path), attr, False))
 
 
 def _expected(err: BaseException) -> BaseException | None:
@@ -232,9 +251,24 @@ _NOISE = ("Does not validate against any of the Union subtypes", "Subtypes: [", 
 
 
 def _tidy(message: str) -> str:
-    """jsonargparse's union-type report without the lines about the ``None`` alternative."""
+    """jsonargparse's union-type report without the lines about the ``None`` alternative, plus the new key of
+    an option that moved (:func:`_moved_options`)."""
     lines = [line for line in message.splitlines() if not line.strip().lstrip("- ").startswith(_NOISE)]
+    moved = _moved_options()
+    for key in dict.fromkeys(re.findall(r"Option '([\w.]+)' is not accepted|No action for key \"([\w.]+)\"", message)):
+        old = "model.init_args." + next(k for k in key if k)
+        if old in moved:
+            lines.append(f"{old} has moved: set {moved[old]} instead.")
     return "\n".join(lines).strip()
+
+
+def _moved_options() -> dict[str, str]:
+    """Former config keys -> their new keys, from every method module's ``MOVED_OPTIONS``."""
+    moved: dict[str, str] = {}
+    for name in dir(manynets.lightning_modules):
+        module = sys.modules.get(getattr(getattr(manynets.lightning_modules, name), "__module__", ""))
+        moved.update(getattr(module, "MOVED_OPTIONS", {}))
+    return moved
 
 
 def _print_config_checked(argv: list[str]) -> None:

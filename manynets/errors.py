@@ -27,6 +27,10 @@ class CheckpointMismatchError(ManynetsError, ValueError):
     """A checkpoint is missing, unreadable, or does not fit the model the config builds."""
 
 
+class CheckpointNotFoundError(CheckpointMismatchError, FileNotFoundError):
+    """A checkpoint file that does not exist (also a ``FileNotFoundError``)."""
+
+
 class RunDirectoryError(ManynetsError, RuntimeError):
     """The run directory cannot be written, or already holds another run's checkpoints."""
 

@@ -30,7 +30,7 @@ from manynets.lightning_modules import (
     SubspaceModule,
     SuperpositionModule,
 )
-from manynets.networks import MLP, VGG, CifarResNet, PreActResNet, ResNet, WideResNet
+from manynets.networks import MLP, VGG, CifarResNet, PiMLP, PreActResNet, ResNet, WideResNet
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = partial(MLP, depth=1, width=8)
@@ -43,7 +43,7 @@ def module(cls, **kwargs):
 
 
 def pinet(**kwargs):
-    return PiNetModule(num_classes=3, image_shape=SHAPE, **{"r": 2, "depth": 1, **kwargs})
+    return PiNetModule(num_classes=3, image_shape=SHAPE, **{"backbone": partial(PiMLP, r=2, depth=1), **kwargs})
 
 
 def scheduler_without_length(**kwargs):
@@ -78,8 +78,7 @@ CASES = [
     (partial(module, SubspaceModule), {"num_samples": 0}, [M + "num_samples", "0"]),
     (partial(module, SubspaceModule), {"beta": -1.0}, [M + "beta", "-1.0"]),
     (partial(module, SubspaceModule), {"bn_batches": 0}, [M + "bn_batches", "0"]),
-    (pinet, {"width": -1}, [M + "width", "-1"]),
-    (pinet, {"r": 0}, [M + "r = 0"]),
+    (pinet, {"backbone": TINY}, [M + "backbone", "'MLP'", "PiMLP"]),
     (pinet, {"gclip": -1.0}, [M + "gclip", "-1.0"]),
     (pinet, {"bias_lr_mult": -0.5}, [M + "bias_lr_mult", "-0.5"]),
     (pinet, {"optimizer": torch.optim.SGD}, [M + "optimizer", "'SGD'", "PiSGD"]),
@@ -93,6 +92,8 @@ CASES = [
     (partial(module, ClassifierModule), {"warmup_epochs": -2}, [M + "warmup_epochs", "-2"]),
     (partial(module, ClassifierModule), {"warmup_steps": 10, "warmup_epochs": 2}, [M + "warmup_epochs", "not both"]),
     (partial(module, ClassifierModule), {"scheduler_interval": "steps"}, [M + "scheduler_interval", "'steps'"]),
+    (partial(ClassifierModule, num_classes=3, image_shape=SHAPE), {"backbone": lambda n, shape: torch.nn.Linear(2, n)},
+     [M + "backbone = torch.nn.modules.linear.Linear", "expected a manynets.networks.Backbone", "subclass"]),
     (partial(module, CheckpointEnsembleModule), {"checkpoints": []}, [M + "checkpoints", "[]"]),
     (scheduler_without_length, {}, ["trainer.max_epochs = -1", "OneCycleLR", "lr_scheduler.init_args.total_steps"]),
     # -- callbacks -------------------------------------------------------------------------
@@ -120,6 +121,7 @@ CASES = [
     (DigitsDataModule, {"num_workers": -1}, [D + "num_workers", "-1"]),
     (DigitsDataModule, {"channels": 2}, [D + "channels", "2"]),
     (DigitsDataModule, {"test_size": 0}, [D + "test_size", "0"]),
+    (DigitsDataModule, {"mean": (0.1, 0.2)}, [D + "mean", "(0.1, 0.2)", "3 (one per channel)"]),
     (CIFAR10DataModule, {"label_noise": 20.0}, [D + "label_noise", "20.0", "0.2, not 20"]),
     (CIFAR10DataModule, {"std": (0.2, 0.0, 0.2)}, [D + "std", "(0.2, 0.0, 0.2)"]),
     (CIFAR10DataModule, {"resolution": 0}, [D + "resolution", "0"]),
@@ -140,6 +142,9 @@ CASES = [
     (partial(VGG, 10), {"depth": 12}, [B + "depth", "12"]),
     (partial(VGG, 10), {"dropout": -0.1}, [B + "dropout", "-0.1"]),
     (partial(MLP, 10), {"depth": 0}, [B + "depth", "0"]),
+    (partial(PiMLP, 10), {"width": -1}, [B + "width", "-1"]),
+    (partial(PiMLP, 10), {"r": 0}, [B + "r = 0"]),
+    (partial(PiMLP, 10), {"state_dtype": "float64"}, [B + "state_dtype", "'float64'"]),
 ]
 
 

@@ -48,6 +48,40 @@ def test_binding_equals_direct_circular_convolution(method):
     assert np.abs(single - circular_convolution_loop(x[0, 0, :, 0, 0], keys[0])).max() < 1e-10
 
 
+@pytest.mark.parametrize("method", ["fft", "matmul", "auto"])
+def test_vector_binding_equals_direct_circular_convolution_and_one_pixel_maps(method):
+    """Vector features (G, n, C) (an MLP stem): bound along the feature axis, summed over slots."""
+    rng = np.random.default_rng(1)
+    g, n, c = 3, 2, 10
+    x, keys = rng.normal(size=(g, n, c)), rng.normal(size=(n, c))
+    out = hrr_bind_bundle(torch.from_numpy(x), torch.from_numpy(keys), method)
+    ref = np.array([sum(circular_convolution_loop(x[gi, j], keys[j]) for j in range(n)) for gi in range(g)])
+    assert out.shape == (g, c) and np.abs(out.numpy() - ref).max() < 1e-10
+    as_maps = hrr_bind_bundle(torch.from_numpy(x)[..., None, None], torch.from_numpy(keys), method)
+    assert as_maps.shape == (g, c, 1, 1) and np.abs(as_maps[..., 0, 0].numpy() - ref).max() < 1e-10
+    xt = torch.from_numpy(x).requires_grad_()
+    kt = torch.from_numpy(keys).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: hrr_bind_bundle(a, b, method), (xt, kt))
+
+
+def test_binding_layers_take_vectors_as_one_pixel_maps():
+    torch.manual_seed(0)
+    capacity, n, c = 4, 2, 6
+    v = torch.randn(3, n, c, dtype=torch.float64)
+    repeated = v.repeat(1, capacity // n, 1)  # slot j holds image j mod n
+    hrr, mbat = HRRBinding(capacity, c).double(), MBATBinding(capacity, c).double()
+    keys, weight = hrr.keys.detach().numpy(), mbat.weight.detach()
+    direct = sum(np.apply_along_axis(circular_convolution_loop, 1, repeated[:, j].numpy(), keys[j])
+                 for j in range(capacity))
+    assert np.abs(hrr(v).detach().numpy() - direct).max() < 1e-10
+    assert torch.allclose(mbat(v), sum(repeated[:, j] @ weight[j].T for j in range(capacity)), atol=1e-12)
+    assert torch.allclose(SumBinding(capacity, c)(v), repeated.sum(1))
+    for layer in (hrr, mbat, SumBinding(capacity, c)):
+        assert torch.allclose(layer(v), layer(v[..., None, None])[..., 0, 0], atol=1e-12)
+    with pytest.raises(ValueError, match=r"\(groups, n, 6, H, W\) or vectors \(groups, n, 6\), got \(3, 2, 6, 5\)"):
+        hrr(torch.randn(3, n, c, 5, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("c", [4, 16])
 def test_official_grouped_conv1d_equals_fft_with_reversed_rolled_key(c):
     """The official Conv1d computes out[m] = sum_j x[j] w[(j - m - 1 + C/2) mod C] (spec §1.2)."""
@@ -105,10 +139,13 @@ def test_custom_op_gradients_and_registration(method):
     if method == "matmul":  # the schema, fake impl and autograd registration are shared by both methods
         checks = ("test_schema", "test_autograd_registration", "test_faketensor")
         torch.library.opcheck(hrr_bind_bundle, (x, keys, method), test_utils=checks)
+        torch.library.opcheck(hrr_bind_bundle, (x[..., 0, 0], keys, method), test_utils=checks)  # vectors
     with pytest.raises(ValueError, match="method='dft'"):
         hrr_bind_bundle(x, keys, "dft")
     with pytest.raises(ValueError, match=r"keys \(n, C\)"):
         hrr_bind_bundle(torch.zeros(1, 2, 4, 1, 1), torch.zeros(3, 4))
+    with pytest.raises(ValueError, match=r"or \(G, n, C\)"):
+        hrr_bind_bundle(torch.zeros(2, 4), torch.zeros(2, 4))
 
 
 def test_slot_repetition_equals_binding_repeated_images():

@@ -112,6 +112,17 @@ def test_unknown_config_key_names_the_key(tmp_path, capsys):
     assert "widht" in err and "not accepted" in err
 
 
+def test_moved_option_names_its_new_key(tmp_path, capsys):
+    """PiNetModule's network options moved to its PiMLP backbone: the former key fails naming the new one."""
+    old = tmp_path / "old.yaml"
+    old.write_text("model:\n  init_args:\n    depth: 3\n")
+    with pytest.raises(SystemExit) as exc:
+        cli(["fit", "--config", str(REPO / "configs" / "quickstart" / "pinet_digits.yaml"), "--config", str(old)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "model.init_args.depth has moved: set model.init_args.backbone.init_args.depth instead." in err
+
+
 def test_unknown_key_in_yaml(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text(DIGITS.read_text().replace("max_epochs: 8", "max_epoch: 8"))
@@ -200,8 +211,8 @@ def test_nan_loss_fails_clearly_and_keeps_last_epoch_checkpoint(tmp_path):
 
     class NaNInSecondEpoch(ClassifierModule):
         def training_loss(self, images, labels):
-            loss, logits = super().training_loss(images, labels)
-            return (loss * float("nan") if self.current_epoch == 1 else loss), logits
+            loss, logits, targets = super().training_loss(images, labels)
+            return (loss * float("nan") if self.current_epoch == 1 else loss), logits, targets
 
     data = DataLoader(TensorDataset(torch.randn(16, 1, 4, 4), torch.randint(0, 3, (16,))), batch_size=8)
     module = NaNInSecondEpoch(backbone=MLP, num_classes=3, image_shape=(1, 4, 4))

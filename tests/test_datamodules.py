@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torchvision.datasets import CIFAR10, CIFAR100
 from torchvision.transforms import v2
+
+from jsonargparse import ArgumentParser
 
 from fakes import (
     cifar_md5_attrs,
@@ -26,6 +30,8 @@ from manynets.datamodules import (
     CIFAR100DataModule,
     CIFARCorruptionsDataModule,
     DataError,
+    DigitsDataModule,
+    ImageDataModule,
     ImageNet32DataModule,
     TinyImageNetDataModule,
 )
@@ -346,3 +352,78 @@ def test_corruption_bad_files(cifar10, tmp_path, damage, message):
 def test_corruption_arguments_are_checked(kwargs, message):
     with pytest.raises(ValueError, match=message):
         CIFARCorruptionsDataModule(**kwargs)
+
+
+# -- every data module takes the base arguments (forwarded with **kwargs) ------------------------------
+ALL = [CIFAR10DataModule, CIFAR100DataModule, CIFARCorruptionsDataModule, DigitsDataModule, ImageNet32DataModule,
+       TinyImageNetDataModule]  # fmt: skip
+BASE = [n for n in inspect.signature(ImageDataModule.__init__).parameters if n != "self"]
+
+
+@pytest.mark.parametrize("cls", ALL, ids=lambda c: c.__name__)
+def test_cli_lists_every_base_argument_with_its_description(cls):
+    parser = ArgumentParser()
+    parser.add_class_arguments(cls, "data")
+    helps = {a.dest: a.help for a in parser._actions}
+    assert set(BASE) == {"data_dir", "batch_size", "eval_batch_size", "val_split", "augment", "num_workers",
+                         "pin_memory", "persistent_workers", "seed", "mean", "std"}  # fmt: skip
+    for name in BASE:
+        assert helps.get(f"data.{name}"), f"{cls.__name__}: --data.{name} missing or without a description"
+
+
+@pytest.mark.parametrize("cls", ALL, ids=lambda c: c.__name__)
+def test_config_sets_every_base_argument_through_the_subclass(cls):
+    """Old private module paths keep working as class paths; a one-value mean/std covers every channel."""
+    given = {"data_dir": "some/dir", "batch_size": 7, "eval_batch_size": 9, "val_split": 3, "augment": False,
+             "num_workers": 1, "pin_memory": True, "persistent_workers": True, "seed": 5, "mean": [0.25],
+             "std": [0.5, 0.125, 2.0]}  # fmt: skip
+    if cls is DigitsDataModule:
+        given["std"] = [0.5] * 3
+    parser = ArgumentParser()
+    parser.add_subclass_arguments(ImageDataModule, "data")
+    config = parser.parse_object({"data": {"class_path": f"{cls.__module__}.{cls.__name__}", "init_args": given}})
+    dm = parser.instantiate(config).data
+    assert type(dm) is cls
+    for module in [dm, dm.clean] if cls is CIFARCorruptionsDataModule else [dm]:
+        assert module.data_dir == Path("some/dir")
+        got = [getattr(module, n) for n in ("batch_size", "eval_batch_size", "val_split", "augment", "num_workers",
+                                            "pin_memory", "persistent_workers", "seed", "mean", "std")]  # fmt: skip
+        assert got == [7, 9, 3, False, 1, True, True, 5, (0.25,) * 3, tuple(given["std"])]
+
+
+def test_digits_defaults_and_statistics_per_channel():
+    grey, rgb = DigitsDataModule(channels=1), DigitsDataModule()
+    assert (grey.batch_size, grey.eval_batch_size, grey.val_split, grey.augment) == (64, 256, 180, True)
+    assert (grey.mean, grey.std, rgb.mean, rgb.std) == ((0.3052,), (0.3236,), (0.3052,) * 3, (0.3236,) * 3)
+    assert DigitsDataModule(channels=1, mean=[0.5], std=[0.25]).std == (0.25,)
+    grey._load()
+    x = grey._images.double() / 255  # the data set's own statistics (all 1797 images at 32 px)
+    assert abs(x.mean().item() - 0.3052) < 1e-4 and abs(x.std(unbiased=False).item() - 0.3236) < 1e-4
+
+
+def test_corruptions_statistics_follow_the_variant_or_the_override():
+    assert CIFARCorruptionsDataModule("cifar100").mean == CIFAR100DataModule.mean
+    dm = CIFARCorruptionsDataModule(mean=(0.5, 0.5, 0.5), std=(0.25,))
+    assert (dm.mean, dm.std, dm.clean.mean, dm.clean.std) == ((0.5,) * 3, (0.25,) * 3, (0.5,) * 3, (0.25,) * 3)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: CIFAR10DataModule(mean=(0.5, 0.5)), r"mean = \(0.5, 0.5\): expected .* or 3 \(one per channel\)"),
+        (lambda: CIFAR10DataModule(std=(0.5,) * 4), r"data.init_args.std = \(0.5, 0.5, 0.5, 0.5\)"),
+        (lambda: CIFAR10DataModule(std=(0.5, -0.5, 0.5)), r"data.init_args.std = .*> 0 per channel"),
+        (lambda: CIFAR10DataModule(std=()), r"data.init_args.std = \(\)"),
+        (lambda: DigitsDataModule(channels=1, mean=(0.5,) * 3), r"mean = .* or 1 value for 1-channel images"),
+        (lambda: DigitsDataModule(std=[0.0]), r"data.init_args.std = \[0.0\]: expected > 0 per channel"),
+    ],
+)
+def test_statistics_are_checked(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_positional_data_dir_is_refused_where_it_was_the_first_argument():
+    for cls in (CIFAR10DataModule, TinyImageNetDataModule, ImageNet32DataModule):
+        with pytest.raises(TypeError):
+            cls("data")

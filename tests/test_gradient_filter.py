@@ -13,9 +13,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from manynets.callbacks import GradientFilter
 from manynets.lightning_modules import ClassifierModule
+from manynets.networks import Backbone
 
 
-class Flat(nn.Module):
+class Flat(Backbone):
     def __init__(self, num_classes, image_shape):
         super().__init__()
         self.stem = nn.Flatten()
@@ -39,8 +40,8 @@ class Spiky(ClassifierModule):
         self.spikes = spikes
 
     def training_loss(self, images, labels):
-        loss, logits = super().training_loss(images, labels)
-        return loss * self.spikes.get(self.global_step, 1.0), logits
+        loss, logits, targets = super().training_loss(images, labels)
+        return loss * self.spikes.get(self.global_step, 1.0), logits, targets
 
 
 def grad_norm(module) -> float | None:

@@ -1,5 +1,6 @@
-"""MixMoModule: seams, MIMO reproduction, targets, L2 term, shipped configs and one CLI run."""
+"""MixMoModule: seams, MIMO reproduction, targets, L2 term, vector features, shipped configs and CLI runs."""
 
+import copy
 import subprocess
 import sys
 from functools import partial
@@ -11,8 +12,7 @@ import torch.nn.functional as F
 import yaml
 
 from manynets.lightning_modules import MixMoModule
-from manynets.lightning_modules.mixmo import reinit_member
-from manynets.networks import PreActResNet, WideResNet
+from manynets.networks import MLP, PreActResNet, WideResNet
 
 REPO = Path(__file__).resolve().parents[1]
 MIXMO_CONFIGS = sorted((REPO / "configs" / "mixmo").glob("*.yaml"))
@@ -39,10 +39,12 @@ def test_members_have_own_reinitialised_stems_and_heads():
         bound = 2 * (2 / weight[0].numel()) ** 0.5 / 0.8796
         assert weight.abs().max() <= bound + 1e-6
     assert abs(w[1].std().item() - std * 0.8796) < 0.35 * std
-    # PreActResNet heads in the mixmo recipe are N(0, 0.01) (an unbuilt instance only selects the rule)
-    head = reinit_member(torch.nn.Linear(512, 200), "mixmo", object.__new__(PreActResNet))
+    assert model.mask_shape == (16, 16)
+    # PreActResNet heads in the mixmo recipe are N(0, 0.01), biases 0 (the backbone's init_weights)
+    pre = make(backbone=partial(PreActResNet, depth=18, init="mixmo"), num_members=2)
+    head = pre.heads[1]
+    assert not torch.equal(head.weight, pre.heads[0].weight)
     assert abs(head.weight.std().item() - 0.01) < 0.001 and head.bias.abs().max() == 0
-    assert model.feature_hw == (16, 16)
 
 
 def test_inference_sums_stems_and_returns_member_logits():
@@ -60,9 +62,10 @@ def test_mimo_loss_matches_direct_computation():
     model = make(num_members=2, alpha=0.0, cutmix_prob=0.0, weight_root=1.0, batch_repetitions=2)
     images, labels = torch.randn(6, 3, 16, 16), torch.randint(0, 5, (6,))
     torch.manual_seed(5)
-    loss, logits0 = model.training_loss(images, labels)
+    loss, logits0, labels0 = model.training_loss(images, labels)
     torch.manual_seed(5)
     _, _, _, own = model.mixmo_inputs(images, labels)
+    assert torch.equal(labels0, labels[own[0]])  # train accuracy: member 0 against its own labels
     for row in own:
         assert torch.equal(torch.bincount(row, minlength=6), torch.full((6,), 2))
     net = model.network
@@ -88,10 +91,10 @@ def test_l2_term_is_added_explicitly():
     images, labels = torch.randn(4, 3, 16, 16), torch.randint(0, 5, (4,))
     model = make(batch_repetitions=1, l2_reg=0.0)
     torch.manual_seed(2)
-    plain, _ = model.training_loss(images, labels)
+    plain = model.training_loss(images, labels)[0]
     model.hparams.l2_reg = 3e-4
     torch.manual_seed(2)
-    regularised, _ = model.training_loss(images, labels)
+    regularised = model.training_loss(images, labels)[0]
     total = sum((p.detach().double() ** 2).sum() for p in model.parameters())
     assert (regularised - plain).item() == pytest.approx(3e-4 * total.item(), rel=1e-4)
 
@@ -100,7 +103,7 @@ def test_single_network_is_plain_backbone_without_msda():
     model = make(num_members=1, batch_repetitions=1, msda=None)
     images, labels = torch.randn(4, 3, 16, 16), torch.randint(0, 5, (4,))
     torch.manual_seed(0)
-    loss, logits = model.training_loss(images, labels)
+    loss = model.training_loss(images, labels)[0]
     torch.manual_seed(0)
     own = model.mixmo_inputs(images, labels)[3][0]
     torch.testing.assert_close(loss, F.cross_entropy(model.heads[0](model._core(model.stems[0](images[own]))), labels[own]))
@@ -111,11 +114,82 @@ def test_test_halves_cross_fit_lowers_nll_of_overconfident_logits():
     model = make(temperature_scaling="test_halves")
     true_logits = torch.randn(600, 5) * 1.5
     labels = torch.distributions.Categorical(logits=true_logits).sample()
-    model._collected = [[(4 * true_logits[:300], labels[:300]), (4 * true_logits[300:], labels[300:])]]
-    values = model._cross_fit(0)
+    values = model.cross_fit_metrics(4 * true_logits, labels)
     assert values["ts/nll"] < F.cross_entropy(4 * true_logits, labels) - 0.1
     assert 3.0 < values["temperature"].item() < 5.0
     assert values["ts/acc"].item() == pytest.approx(((4 * true_logits).argmax(1) == labels).float().mean().item())
+
+
+def test_evaluation_variants_add_temperature_scaling_at_test_time():
+    from types import SimpleNamespace
+
+    model = make(num_members=2).eval()
+    x = torch.randn(3, 3, 16, 16)
+    assert list(model.evaluation_logits(x)) == [""]  # no trainer: validation-like
+    model.temperature = 2.5
+    model._trainer = SimpleNamespace(testing=True)
+    variants = model.evaluation_logits(x)
+    members = model.predict_logits(x)
+    assert variants[""].shape == (2, 3, 5)
+    torch.testing.assert_close(variants["ts"], members.mean(0) / 2.5)
+    model._trainer = None
+
+
+def test_float64_model_keeps_float64_loss():
+    model = make(num_members=2, alpha=0.0, cutmix_prob=0.0, weight_root=1.0, batch_repetitions=1).double()
+    images, labels = torch.randn(4, 3, 16, 16, dtype=torch.float64), torch.randint(0, 5, (4,))
+    torch.manual_seed(3)
+    loss = model.training_loss(images, labels)[0]
+    torch.manual_seed(3)
+    inputs, targets, _, own = model.mixmo_inputs(images, labels)
+    assert loss.dtype == targets.dtype == torch.float64
+    z = model._core(model.stems[0](inputs[0]) + model.stems[1](inputs[1]))
+    ref = sum(F.cross_entropy(model.heads[k](z), labels[own[k]]) for k in range(2))
+    assert abs(loss.item() - ref.item()) <= 1e-12 * ref.item()
+
+
+def _mlp():
+    return partial(MLP, depth=2, width=24)
+
+
+def test_vector_cutmix_trains_on_feature_blocks():
+    """MLP stems give (B, C) features: CutMix masks are (B, M, C), one contiguous block of features
+    (or its complement) per member; the loss equals a direct float64 computation."""
+    model = make(backbone=_mlp(), num_members=2, cutmix_prob=1.0, batch_repetitions=2)
+    assert model.mask_shape == (24,)
+    images, labels = torch.randn(6, 3, 16, 16), torch.randint(0, 5, (6,))
+    torch.manual_seed(4)
+    loss, logits0, labels0 = model.training_loss(images, labels)
+    torch.manual_seed(4)
+    inputs, targets, masks, own = model.mixmo_inputs(images, labels)
+    assert masks.shape == (12, 2, 24) and torch.equal(labels0, labels[own[0]])
+    torch.testing.assert_close(masks.sum(1), torch.ones(12, 24))
+    for row in masks.transpose(0, 1).reshape(-1, 24):  # the block or its complement: a block at a border
+        on = torch.nonzero(row)[:, 0]
+        off = torch.nonzero(1 - row)[:, 0]
+        assert any(len(i) == 0 or int(i.max() - i.min()) + 1 == len(i) for i in (on, off))
+    ref_model = copy.deepcopy(model).double()
+    f = [ref_model.stems[k](inputs[k].double()) for k in range(2)]
+    z = ref_model._core(2 * (masks[:, 0].double() * f[0] + masks[:, 1].double() * f[1]))
+    logp = [torch.log_softmax(ref_model.heads[k](z), -1) for k in range(2)]
+    ref = sum(-(targets[k].double() * logp[k]).sum(-1).mean() for k in range(2))
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert logits0.shape == (12, 5)
+
+
+def test_vector_linear_mixing_and_inference():
+    model = make(backbone=_mlp(), num_members=2, alpha=0.0, cutmix_prob=0.0, weight_root=1.0, batch_repetitions=1)
+    images, labels = torch.randn(4, 3, 16, 16), torch.randint(0, 5, (4,))
+    torch.manual_seed(1)
+    loss = model.training_loss(images, labels)[0]
+    torch.manual_seed(1)
+    inputs, _, masks, own = model.mixmo_inputs(images, labels)
+    assert masks.shape == (4, 2, 1)
+    z = model._core(model.stems[0](inputs[0]) + model.stems[1](inputs[1]))  # MIMO: h = f0 + f1
+    torch.testing.assert_close(loss, sum(F.cross_entropy(model.heads[k](z), labels[own[k]]) for k in range(2)))
+    model.eval()
+    z = model._core(model.stems[0](images) + model.stems[1](images))
+    torch.testing.assert_close(model.predict_logits(images), torch.stack([h(z) for h in model.heads]))
 
 
 @pytest.mark.parametrize(

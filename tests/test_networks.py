@@ -1,4 +1,4 @@
-"""Backbones: seams, parameter counts against published ones, paper options, config contract.
+"""Backbones: seams, parameter counts against published ones, paper options, init recipes, config contract.
 
 Big nets are built only to count parameters or are forwarded on one or two 32 px images;
 everything else uses the smallest depth/width that exercises the option.
@@ -16,9 +16,24 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from manynets.networks import MLP, VGG, CifarResNet, PreActResNet, ResNet, SReLU, WideResNet, isometry_convs
+import manynets.networks
+from manynets.networks import (
+    MLP,
+    VGG,
+    Backbone,
+    CifarResNet,
+    PiMLP,
+    PreActResNet,
+    ResNet,
+    SReLU,
+    WideResNet,
+    isometry_convs,
+)
 from manynets.networks.resnet import BasicBlock, PadShortcut
 from manynets.networks.wide_resnet import TRUNC_NORMAL_2SIGMA_STD, WideBlock
+
+BACKBONES = [obj for name in manynets.networks.__all__ if isinstance(obj := getattr(manynets.networks, name), type)
+             and issubclass(obj, Backbone) and obj is not Backbone]  # fmt: skip
 
 
 def n_params(module: nn.Module) -> int:
@@ -61,7 +76,14 @@ CASES: dict[str, tuple[Callable[[], nn.Module], tuple[int, int, int]]] = {
     "vgg13_linear": (lambda: VGG(10, depth=13, width_divisor=8, head="linear"), (3, 32, 32)),
     "mlp": (lambda: MLP(10, (1, 8, 8), depth=3, width=32), (1, 8, 8)),
     "mlp_depth1": (lambda: MLP(10, (3, 32, 32), depth=1, width=16), (3, 32, 32)),
+    "pimlp_infinite": (lambda: PiMLP(10, (1, 8, 8), r=6, depth=3, readout_zero_init=False), (1, 8, 8)),
+    "pimlp_finite": (lambda: PiMLP(10, (1, 8, 8), r=6, depth=3, width=32), (1, 8, 8)),
 }
+
+
+def out_features(head: nn.Module) -> int:
+    last = [m for m in head.modules() if hasattr(m, "out_features") or hasattr(m, "r_out")][-1]
+    return getattr(last, "out_features", getattr(last, "r_out", None))
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -78,11 +100,18 @@ def test_seams_and_shapes(name: str) -> None:
         assert torch.allclose(model.features(x), feats)
     assert h.shape[1] == model.stem_channels
     assert feats.shape == (2, model.feature_dim)
-    assert logits.shape == (2, model.head.out_features if isinstance(model.head, nn.Linear) else model.head[-1].out_features)
+    assert logits.shape == (2, out_features(model.head))
     assert torch.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("cls", [WideResNet, PreActResNet, ResNet, CifarResNet, VGG, MLP])
+def test_every_backbone_is_a_backbone() -> None:
+    assert {c.__name__ for c in BACKBONES} == {"WideResNet", "PreActResNet", "ResNet", "CifarResNet", "VGG", "MLP",
+                                               "PiMLP"}  # fmt: skip
+    for cls in BACKBONES:  # features/forward are written once, in Backbone
+        assert all(name not in vars(klass) for klass in cls.__mro__[:-3] for name in ("features", "forward")), cls
+
+
+@pytest.mark.parametrize("cls", BACKBONES, ids=lambda c: c.__name__)
 def test_constructor_contract(cls: type) -> None:
     """``backbone(num_classes, image_shape)``; every other parameter keyword, typed, defaulted."""
     params = list(inspect.signature(cls.__init__).parameters.values())[1:]
@@ -107,6 +136,8 @@ def test_jsonargparse_builds_backbones_from_config() -> None:
         ("CifarResNet", {"depth": 32, "shortcut": "pad"}),
         ("VGG", {"depth": 19, "width_divisor": 16, "head": "linear"}),
         ("MLP", {"depth": 1, "width": 8}),
+        ("PiMLP", {"r": 4, "depth": 2, "bias_alpha": 0.5}),
+        ("PiMLP", {"r": 4, "depth": 1, "width": 8, "gaussian_init": True, "gproj": False}),
     ]
     for name, init_args in configs:
         cfg = parser.parse_object({"backbone": {"class_path": f"manynets.networks.{name}", "init_args": init_args}})

@@ -1,15 +1,15 @@
 """PCA projection layers and the delta sweep (spec §2.7-2.8, §2.11.5)."""
 
-import csv
-
 import numpy as np
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from manynets.analysis import SWEEP_DELTAS, delta_sweep, insert_pca_layers, read_csv
 from manynets.layers.covariance import intrinsic_dimension
-from manynets.layers.pca import SWEEP_DELTAS, PCAProjection, delta_sweep, insert_pca_layers
+from manynets.layers.pca import PCAProjection
+from manynets.networks import Backbone
 
 
 def fitted(x: torch.Tensor, delta: float, centering: bool = True) -> PCAProjection:
@@ -87,30 +87,38 @@ def test_hooks_and_delta_sweep(tmp_path):
     assert rows[-1]["accuracy"] == pytest.approx(reference)  # delta > 1: unchanged network
     assert rows[-1]["sum_id"] == rows[-1]["sum_width"] == 18 and rows[-1]["mean_saturation"] == 1.0
     assert rows[0]["sum_id"] <= rows[1]["sum_id"] <= 18
-    with open(tmp_path / "sweep.csv") as f:
-        assert len(list(csv.DictReader(f))) == 3
+    table = read_csv(tmp_path / "sweep.csv")
+    assert len(table) == 3 and float(table[2]["mean_saturation"]) == 1.0
+    header = (tmp_path / "sweep.csv").read_text().splitlines()[0]
+    assert header.startswith("delta (fraction),accuracy (fraction),loss (nats),sum_id (dimensions)")
     assert len(net._forward_hooks) == 0 and all(len(m._forward_hooks) == 0 for m in net)
+    assert net.training  # the extra passes restore the mode
     assert SWEEP_DELTAS[0] == 0.9 and SWEEP_DELTAS[-1] == 3.0 and 0.9995 in SWEEP_DELTAS and len(SWEEP_DELTAS) == 25
 
 
-def test_pca_sweep_callback_after_test(tmp_path):
+@pytest.mark.parametrize("method", ["classifier", "mixmo"])
+def test_pca_sweep_callback_after_test(tmp_path, method):
+    """The sweep evaluates the module's default prediction (MixMo: the mean of the member logits, its
+    member stems and heads projected too): at delta > 1 it reproduces test/acc."""
     import lightning.pytorch as pl
 
     from manynets.callbacks.pca_sweep import PCADeltaSweep
     from manynets.datamodules.digits import DigitsDataModule
-    from manynets.lightning_modules.classifier import ClassifierModule
+    from manynets.lightning_modules import ClassifierModule, MixMoModule
 
-    class Net(nn.Module):
+    class Net(Backbone):
         def __init__(self, num_classes, image_shape):
             super().__init__()
             self.stem = nn.Conv2d(image_shape[0], 6, 3, padding=1)
             self.body = nn.Sequential(nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(24, 12), nn.ReLU())
+            self.pool = nn.Identity()
             self.head = nn.Linear(12, num_classes)
+            self.stem_channels, self.feature_dim = 6, 12
 
-        def forward(self, x):
-            return self.head(self.body(self.stem(x)))
-
-    module = ClassifierModule(Net, 10, (1, 8, 8))
+    if method == "mixmo":
+        module = MixMoModule(Net, 10, (1, 8, 8), temperature_scaling="none")
+    else:
+        module = ClassifierModule(Net, 10, (1, 8, 8))
     dm = DigitsDataModule(size=8, channels=1, augment=False, batch_size=256, eval_batch_size=512)
     sweep = PCADeltaSweep(deltas=[0.9, 3.0], dirpath=str(tmp_path))
     trainer = pl.Trainer(logger=False, callbacks=[sweep], enable_progress_bar=False, enable_model_summary=False,
@@ -118,5 +126,7 @@ def test_pca_sweep_callback_after_test(tmp_path):
     metrics = trainer.test(module, dm, verbose=False)[0]
     assert [r["delta"] for r in sweep.rows] == [0.9, 3.0]
     assert sweep.rows[1]["accuracy"] == pytest.approx(metrics["test/acc"], abs=1e-6)
-    assert sweep.rows[0]["sum_id"] < sweep.rows[1]["sum_id"] == 18 and "random_accuracy" in sweep.rows[0]
-    assert (tmp_path / "pca_sweep.csv").read_text().startswith("delta,accuracy,loss,sum_id")
+    width = 18 if method == "classifier" else 12 + 6 + 6 + 10  # mixmo: body, stems-0, stems-1, heads-0
+    assert sweep.rows[0]["sum_id"] < sweep.rows[1]["sum_id"] == sweep.rows[1]["sum_width"] == width
+    assert "random_accuracy" in sweep.rows[0]
+    assert (tmp_path / "pca_sweep.csv").read_text().startswith("delta (fraction),accuracy (fraction),loss (nats)")

@@ -9,17 +9,26 @@ import torch
 
 from manynets.cuda_ops.pi_kernel import pi_backward, pi_forward, pi_forward_reference
 from manynets.layers.feature_kernel import pi_kernel, ridge_predict
-from manynets.layers.pi import InfPiLayer, PiLinearFunction
-from manynets.layers.pi_finite import FinPiMLP
+from manynets.layers.pi import InfPiLayer, PiLinearFunction, estimate_memory
 from manynets.layers.pi_math import ab_norm, j1, phi, phi_prime, relu_covariance
-from manynets.layers.pi_mlp import InfMLP, estimate_memory
 from manynets.layers.pi_optim import PiSGD, clip_gradients
+from manynets.networks import PiMLP
+
+
+def pimlp(d_in, d_out, **kwargs):
+    """A π-MLP on d_in-dimensional inputs (image shape (1, 1, d_in))."""
+    return PiMLP(d_out, (1, 1, d_in), **kwargs)
+
+
+def pi_layers(net):
+    """The infinite layers (hidden and readout)."""
+    return net.layers()[1:]
 
 
 def pisgd(net, lr, wd=0.0):
     params = [p for p in net.parameters() if p.requires_grad]
-    if isinstance(net, InfMLP):
-        params += [layer.Amult for layer in net.pi_layers()]
+    if net.infinite:
+        params += [layer.Amult for layer in pi_layers(net)]
     return PiSGD(params, lr=lr, weight_decay=wd)
 
 
@@ -80,6 +89,21 @@ def test_chunked_kernel_equals_reference(chunk):
     assert torch.allclose(pi_backward(delta, gbar.detach(), A, B, Amult, chunk), gg.grad, atol=1e-10)
 
 
+def test_kernel_custom_ops_schema_and_fake():
+    """The ops torch.compile sees: registered schema, fake (meta) implementations, same values as eager."""
+    from manynets.cuda_ops.pi_kernel import pi_backward_op, pi_forward_op
+
+    torch.manual_seed(0)
+    g, B, A, delta = torch.randn(3, 4), torch.randn(20, 4), torch.randn(20, 2), torch.randn(3, 2)
+    B, s = B / B.norm(dim=1, keepdim=True), g.norm(dim=1)
+    gbar, Amult = g / s[:, None], torch.rand(20)
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(pi_forward_op, (gbar, s, A, B, Amult, 7), test_utils=checks)
+    torch.library.opcheck(pi_backward_op, (delta, gbar, A, B, Amult, 7), test_utils=checks)
+    assert torch.equal(pi_forward_op(gbar, s, A, B, Amult, 7), pi_forward(gbar, s, A, B, Amult, 7))
+    assert torch.equal(pi_backward_op(delta, gbar, A, B, Amult, 7), pi_backward(delta, gbar, A, B, Amult, 7))
+
+
 def test_kernel_low_precision_state_close_to_fp32():
     torch.manual_seed(0)
     g, B, A = torch.randn(4, 8), torch.randn(300, 8), torch.randn(300, 5)
@@ -128,10 +152,10 @@ def test_custom_backward_gradcheck_and_rows(layernorm):
 # -- π-net state and π-SGD -------------------------------------------------------------
 def test_output_zero_at_init_and_rows_grow_old_rows_fixed():
     torch.manual_seed(0)
-    net = InfMLP(6, 3, r=5, depth=3, bias_alpha=0.5, seed=0)
+    net = pimlp(6, 3, r=5, depth=3, bias_alpha=0.5, seed=0)
     x, y = torch.randn(20, 6), torch.randint(0, 3, (20,))
     assert net(x).abs().max().item() == 0.0
-    before = {id(l): (l.A.clone(), l.B.clone(), l.Amult.clone()) for l in net.pi_layers()}
+    before = {id(l): (l.A.clone(), l.B.clone(), l.Amult.clone()) for l in pi_layers(net)}
     lr, wd, b, t = 0.3, 0.01, 4, 6
     opt = pisgd(net, lr, wd)
     for step in range(t):
@@ -139,7 +163,7 @@ def test_output_zero_at_init_and_rows_grow_old_rows_fixed():
         loss.backward()
         opt.step()
         opt.zero_grad()
-    for layer in net.pi_layers():
+    for layer in pi_layers(net):
         A0, B0, M0 = before[id(layer)]
         assert layer.num_rows == 5 + b * t == layer.B.shape[0] == layer.Amult.shape[0]
         assert torch.equal(layer.A[:5], A0) and torch.equal(layer.B[:5], B0)
@@ -153,13 +177,13 @@ def test_output_zero_at_init_and_rows_grow_old_rows_fixed():
 
 
 def test_estimate_memory_matches_state_after_training():
-    net = InfMLP(7, 3, r=4, depth=2, state_dtype="float16", seed=0)
+    net = pimlp(7, 3, r=4, depth=2, state_dtype="float16", seed=0)
     opt = pisgd(net, 0.1)
     for _ in range(5):
         net(torch.randn(6, 7)).sum().backward()
         opt.step()
     est = estimate_memory(7, 3, 4, 2, 6, 5, "float16")
-    assert est["rows"] == net.output.num_rows == 34
+    assert est["rows"] == net.head.num_rows == 34
     assert est["state"] == net.state_bytes()  # A, B (fp16), Amult (fp32), biases and the input layer
     assert est["peak"] > est["state"]
 
@@ -167,7 +191,7 @@ def test_estimate_memory_matches_state_after_training():
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_save_load_reproduces_outputs_exactly(dtype):
     torch.manual_seed(0)
-    net = InfMLP(5, 2, r=3, depth=2, state_dtype=dtype, seed=1)
+    net = pimlp(5, 2, r=3, depth=2, state_dtype=dtype, seed=1)
     opt = pisgd(net, 0.5, 1e-3)
     for _ in range(7):  # grows past the over-allocation boundary
         net(torch.randn(3, 5)).square().sum().backward()
@@ -178,31 +202,31 @@ def test_save_load_reproduces_outputs_exactly(dtype):
     buf = io.BytesIO()
     torch.save(net.state_dict(), buf)
     buf.seek(0)
-    fresh = InfMLP(5, 2, r=3, depth=2, state_dtype=dtype, seed=2)
+    fresh = pimlp(5, 2, r=3, depth=2, state_dtype=dtype, seed=2)
     fresh.load_state_dict(torch.load(buf, weights_only=True))
-    assert fresh.output.num_rows == net.output.num_rows == 3 + 21
+    assert fresh.head.num_rows == net.head.num_rows == 3 + 21
     with torch.no_grad():
         assert torch.equal(fresh.eval()(x), out)
-    assert net.output.A.dtype == getattr(torch, dtype) and net.output.Amult.dtype == torch.float32
+    assert net.head.A.dtype == getattr(torch, dtype) and net.head.Amult.dtype == torch.float32
 
 
 def test_clipping_per_param_and_global():
     torch.manual_seed(0)
-    net = InfMLP(4, 2, r=3, depth=2, readout_zero_init=False, seed=0)
+    net = pimlp(4, 2, r=3, depth=2, readout_zero_init=False, seed=0)
     net(torch.randn(5, 4)).square().sum().mul(100).backward()
-    rows = {id(l): l.pi_grads()[0].clone() for l in net.pi_layers()}
-    norms = {id(l): ab_norm(*l.pi_grads()).item() for l in net.pi_layers()}
-    a1 = net.input.A1.grad.clone()
+    rows = {id(l): l.pi_grads()[0].clone() for l in pi_layers(net)}
+    norms = {id(l): ab_norm(*l.pi_grads()).item() for l in pi_layers(net)}
+    a1 = net.stem[1].A1.grad.clone()
     total = clip_gradients(net, 0.01, per_param=True)
     others = [p.grad for p in net.parameters() if p.grad is not None]
     assert total.item() > 0.01
-    for l in net.pi_layers():
+    for l in pi_layers(net):
         assert ab_norm(*l.pi_grads()).item() == pytest.approx(min(norms[id(l)], 0.01), rel=1e-3)
         assert torch.allclose(l.pi_grads()[0], rows[id(l)] * min(1, 0.01 / (norms[id(l)] + 1e-6)))
-    assert net.input.A1.grad.norm().item() == pytest.approx(min(a1.norm().item(), 0.01), rel=1e-3)
+    assert net.stem[1].A1.grad.norm().item() == pytest.approx(min(a1.norm().item(), 0.01), rel=1e-3)
     assert all(g.norm().item() <= 0.0101 for g in others)
     net.zero_grad()
-    for l in net.pi_layers():
+    for l in pi_layers(net):
         l.zero_pi_grads()
     net(torch.randn(5, 4)).square().sum().mul(100).backward()
     before = clip_gradients(net, 0.0)  # measure only
@@ -211,24 +235,80 @@ def test_clipping_per_param_and_global():
     assert clip_gradients(net, 0.0).item() == pytest.approx(0.05, rel=1e-3)
 
 
+# -- the PiMLP backbone against the formulas in float64 --------------------------------
+A1_ALPHA, OUT_ALPHA, BETA, OUT_BETA = 0.7, 0.5, 0.5, 2.0
+
+
+def direct_forward(net, x):
+    """Spec §1.3 (infinite) / §1.7 (finite) written out in float64 from the net's state."""
+    d = lambda t: t.detach().double()  # noqa: E731
+    x, layers = x.flatten(1).double(), net.layers()
+    alphas = [A1_ALPHA] + [1.0] * (len(layers) - 2) + [OUT_ALPHA]
+    betas = [BETA] * (len(layers) - 1) + [OUT_BETA]
+    if net.infinite:
+        g = A1_ALPHA * (x @ d(layers[0].A1) + BETA * d(layers[0].bias))
+        for layer, alpha, beta in zip(layers[1:], alphas[1:], betas[1:]):
+            s = g.norm(dim=1, keepdim=True)
+            c = ((g / s) @ d(layer.B).T).clamp(-1, 1)
+            phi = (torch.sqrt(1 - c**2) + c * (math.pi - torch.acos(c))) / (2 * math.pi)
+            g = alpha * ((phi * s * d(layer.Amult)) @ d(layer.A) + beta * d(layer.bias))
+        return g
+    h = x
+    for l, (lin, alpha, beta) in enumerate(zip(layers, alphas, betas)):
+        h = alpha * ((torch.relu(h) if l else h) @ d(lin.linear.weight).T + beta * d(lin.bias))
+    return h
+
+
+@pytest.mark.parametrize("width", [0, 64], ids=["infinite", "finite"])
+def test_pimlp_forward_is_the_formula(width):
+    torch.manual_seed(0)
+    net = pimlp(12, 3, r=5, depth=3, width=width, readout_zero_init=False, first_layer_alpha=A1_ALPHA,
+                last_layer_alpha=OUT_ALPHA, bias_alpha=BETA, last_bias_alpha=OUT_BETA, chunk_size=7, seed=0)  # fmt: skip
+    opt = pisgd(net, 0.3, 1e-2)
+    for _ in range(3):  # grow the state (infinite) / move the weights (finite) away from the init
+        torch.nn.functional.cross_entropy(net(torch.randn(6, 12)), torch.randint(0, 3, (6,))).backward()
+        net.project_gradients()
+        opt.step()
+        opt.zero_grad()
+    assert not width or net.layers()[1].linear.weight.shape == (64, 64)
+    x = torch.randn(9, 12)
+    with torch.no_grad():
+        out = net(x)
+    expected = direct_forward(net, x)
+    assert expected.abs().max() > 1e-3
+    assert torch.allclose(out.double(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_finite_pimlp_has_named_linear_layers_at_the_seams():
+    """Saturation and probes hook ordinary Linear layers (their outputs are the preactivations h_l)."""
+    fin = pimlp(12, 3, r=5, depth=3, width=16, seed=0)
+    linears = {n: m for n, m in fin.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert list(linears) == ["stem.1.linear", "body.1.linear", "body.3.linear", "head.1.linear"]
+    assert fin.stem_channels == fin.feature_dim == 16 and fin.features(torch.randn(2, 12)).shape == (2, 16)
+    inf = pimlp(12, 3, r=5, depth=3, seed=0)
+    assert inf.stem_channels == inf.feature_dim == 5 and inf.stem(torch.randn(2, 12)).shape == (2, 5)
+
+
 # -- finite twin -----------------------------------------------------------------------
 def test_finite_twin_init_coefficients_converge():
     """sqrt(n) (Omega^T Omega)^-1 Omega^T h_l -> g_l with error ~ n^-1/2 (spec §1.14 item 2)."""
-    inf = InfMLP(4, 2, r=3, depth=3, seed=0)
+    inf = pimlp(4, 2, r=3, depth=3, seed=0)
     x = torch.randn(10, 4)
-    g = [inf.input(x)]
-    for layer in inf.hidden:
+    g = [inf.stem(x)]
+    for layer in inf.body:
         g.append(layer(g[-1]))
     errors = []
     for n in (250, 4000):
         per_seed = []
         for seed in (3, 4, 5):  # average over Omega draws: one draw's Monte Carlo error fluctuates
-            fin = FinPiMLP(4, 2, width=n, infnet=inf, seed=seed)
-            hs = fin.preactivations(x)
+            fin = pimlp(4, 2, r=3, depth=3, width=n, seed=seed).sample_from(inf)
+            hs = [fin.stem(x)]  # preactivations h_1..h_L
+            for act, lin in zip(fin.body[::2], fin.body[1::2]):
+                hs.append(lin(act(hs[-1])))
             assert fin(x).abs().max().item() == 0.0  # readout A = 0 -> both outputs 0
             err = []
             for l in range(3):
-                omega = getattr(fin, f"omega{l}")
+                omega = fin.layers()[l].omega
                 coef = math.sqrt(n) * torch.linalg.lstsq(omega, hs[l].T).solution.T
                 err.append(((coef - g[l]).norm() / g[l].norm()).item())
             assert err[0] < 1e-4  # the input layer is exact
@@ -244,8 +324,7 @@ def _loss_curve(net, X, Y, lr, bs, steps, order):
         idx = order[torch.arange(t * bs, (t + 1) * bs) % len(order)]
         loss = 0.5 * (net(X[idx]) - Y[idx]).square().sum(1).mean()
         loss.backward()
-        if isinstance(net, FinPiMLP):
-            net.project_gradients()
+        net.project_gradients()  # finite twin: onto span(Omega); infinite: no-op
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
@@ -261,8 +340,8 @@ def test_finite_twin_follows_infinite_net_on_sine():
     for seed in (0, 1):
         for bs, lr in ((4, 0.1), (32, 0.05)):
             order = torch.randperm(100, generator=torch.Generator().manual_seed(seed))
-            inf = InfMLP(2, 1, r=2, depth=2, seed=10 + seed)
-            fins = {n: FinPiMLP(2, 1, width=n, infnet=inf, seed=seed) for n in diffs}
+            inf = pimlp(2, 1, r=2, depth=2, seed=10 + seed)
+            fins = {n: pimlp(2, 1, r=2, depth=2, width=n, seed=seed).sample_from(inf) for n in diffs}
             li = _loss_curve(inf, X, Y, lr, bs, 100, order)
             for n, fin in fins.items():
                 lf = _loss_curve(fin, X, Y, lr, bs, 100, order)
@@ -273,15 +352,15 @@ def test_finite_twin_follows_infinite_net_on_sine():
 
 
 def test_gaussian_init_and_projection():
-    fin = FinPiMLP(4, 3, r=2, depth=2, width=64, seed=0)
+    fin = pimlp(4, 3, r=2, depth=2, width=64, seed=0)
     fin(torch.randn(5, 4)).square().sum().backward()
-    w = fin.linears[1].weight.grad.clone()
+    w = fin.layers()[1].linear.weight.grad.clone()
     fin.project_gradients()
-    omega = fin.omega1
+    omega = fin.layers()[1].omega
     P = omega @ torch.linalg.pinv(omega)
-    assert torch.allclose(fin.linears[1].weight.grad, P @ w, atol=1e-5)
-    mu = FinPiMLP(4, 3, r=2, depth=2, width=2000, gaussian_init=True, gproj=False, seed=0)
-    assert mu.linears[1].weight.std().item() == pytest.approx(math.sqrt(2 / 2000), rel=0.02)
+    assert torch.allclose(fin.layers()[1].linear.weight.grad, P @ w, atol=1e-5)
+    mu = pimlp(4, 3, r=2, depth=2, width=2000, gaussian_init=True, gproj=False, seed=0)
+    assert mu.layers()[1].linear.weight.std().item() == pytest.approx(math.sqrt(2 / 2000), rel=0.02)
 
 
 # -- feature kernel -------------------------------------------------------------------
@@ -306,7 +385,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="state_dtype"):
         InfPiLayer(3, 3, state_dtype="float64")
     with pytest.raises(ValueError, match="depth"):
-        InfMLP(3, 2, r=2, depth=0)
+        pimlp(3, 2, r=2, depth=0)
     layer = InfPiLayer(3, 2)
     with pytest.raises(ValueError, match=r"expects input \(batch, 3\)"):
         layer(torch.randn(2, 4))

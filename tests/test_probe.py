@@ -11,11 +11,12 @@ from torch import nn
 
 from manynets.grid import commands, expand, run_name
 from manynets.layers.probes import LinearProbe, probe_features
+from manynets.networks import Backbone
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-class Tiny(nn.Module):
+class Tiny(Backbone):
     def __init__(self, num_classes=10, image_shape=(1, 8, 8)):
         super().__init__()
         self.stem = nn.Conv2d(image_shape[0], 8, 3, padding=1)
@@ -23,9 +24,6 @@ class Tiny(nn.Module):
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.head = nn.Linear(8, num_classes)
         self.feature_dim = self.stem_channels = 8
-
-    def forward(self, x):
-        return self.head(self.pool(self.body(self.stem(x))))
 
 
 def test_features_and_probe_shapes():
@@ -99,7 +97,7 @@ def test_probes_agree_with_sklearn_on_digits(tmp_path):
         assert row["test_acc"] > 0.9
         assert abs(row["test_acc"] - row["ref_test_acc"]) <= 0.01, (name, row)
     lines = (tmp_path / "probes.csv").read_text().splitlines()
-    assert lines[0].startswith("layer,") and "ref_test_acc" in lines[0] and len(lines) == 3
+    assert lines[0].startswith("layer,") and "ref_test_acc (fraction)" in lines[0] and len(lines) == 3
     assert (tmp_path / "probes.png").is_file()
 
 
@@ -127,14 +125,44 @@ def test_lbfgs_probes_in_one_epoch_match_sklearn(tmp_path):
 
 
 def test_probe_errors(tmp_path):
-    from manynets.lightning_modules.probe import ProbeModule, load_backbone
+    from manynets.analysis import load_network
+    from manynets.errors import CheckpointMismatchError, ConfigError
+    from manynets.lightning_modules.probe import ProbeModule
 
-    with pytest.raises(ValueError, match="exactly one of checkpoint"):
+    with pytest.raises(ConfigError, match="exactly one of checkpoint"):
         ProbeModule()
-    with pytest.raises(FileNotFoundError, match="nope.ckpt"):
-        load_backbone(str(tmp_path / "nope.ckpt"))
-    with pytest.raises(ValueError, match="does not accept images of shape"):
+    with pytest.raises(CheckpointMismatchError, match="model.init_args.checkpoint = .*nope.ckpt' is not a file"):
+        ProbeModule(checkpoint=str(tmp_path / "nope.ckpt")).configure_model()
+    with pytest.raises(ConfigError, match="does not accept images of shape"):
         ProbeModule(backbone=lambda n, s: Tiny(n, (1, 8, 8)), image_shape=(3, 8, 8))
+    (tmp_path / "junk.ckpt").write_text("not a checkpoint")
+    with pytest.raises(CheckpointMismatchError, match="cannot be read as a checkpoint"):
+        load_network(tmp_path / "junk.ckpt")
+    torch.save({"state_dict": {"network.stem.weight": torch.zeros(1)}, "hyper_parameters": {}}, tmp_path / "raw.ckpt")
+    with pytest.raises(CheckpointMismatchError, match="no '_class_path'"):
+        load_network(tmp_path / "raw.ckpt")
+    with pytest.raises(CheckpointMismatchError, match="does not fit the backbone Tiny"):
+        load_network(tmp_path / "raw.ckpt", Tiny(), key="model.init_args.checkpoints[0]")
+
+
+def test_load_network_round_trip(tmp_path):
+    """The backbone of a checkpoint written by a ClassifierModule comes back equal, rebuilt from the
+    checkpoint's hyper-parameters (as the CLI writes them) or loaded into a given backbone."""
+    from manynets.analysis import load_network
+    from manynets.lightning_modules import ClassifierModule
+    from manynets.networks import MLP
+
+    torch.manual_seed(0)
+    module = ClassifierModule(partial(MLP, depth=1, width=5), 3, (1, 2, 2))
+    hparams = {"_class_path": "manynets.lightning_modules.ClassifierModule", "num_classes": 3, "image_shape": (1, 2, 2),
+               "backbone": {"class_path": "manynets.networks.MLP", "init_args": {"depth": 1, "width": 5}}}  # fmt: skip
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": hparams}, tmp_path / "m.ckpt")
+    rebuilt = load_network(tmp_path / "m.ckpt")
+    given = load_network(tmp_path / "m.ckpt", MLP(3, (1, 2, 2), depth=1, width=5))
+    for net in (rebuilt, given):
+        assert type(net) is MLP
+        for key, value in module.network.state_dict().items():
+            assert torch.equal(net.state_dict()[key], value), key
 
 
 def test_grid_expansion(tmp_path):
@@ -180,7 +208,7 @@ def test_cli_fit_saturation_then_probes(tmp_path):
     sat = (outputs / "saturation.csv").read_text().splitlines()
     assert len(sat) == 2 and "saturation/eval/stem-0" in sat[0]
     assert (outputs / "saturation_epoch000.png").is_file()
-    assert (outputs / "receptive_field.csv").read_text().startswith("layer;map_size")
+    assert (outputs / "receptive_field.csv").read_text().startswith("layer,map_size (positions)")
     probes = tmp_path / "probes"
     probe = [sys.executable, "-m", "manynets", "fit", "--config", str(REPO / "configs/quickstart/probe_digits_probes.yaml"),
              *common, f"--trainer.default_root_dir={probes}", f"--checkpoint.dirpath={probes}/ckpt",
@@ -195,7 +223,8 @@ def test_cli_fit_saturation_then_probes(tmp_path):
     out = subprocess.run(test, capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     csv_text = (probes / "probes.csv").read_text().splitlines()
-    assert csv_text[0] == "layer,test_acc" and csv_text[1].startswith("head-2,") and csv_text[2].startswith("head-6,")
+    assert csv_text[0] == "layer,test_acc (fraction)"
+    assert csv_text[1].startswith("head-2,") and csv_text[2].startswith("head-6,")
 
 
 def test_cifar_resolution_option():

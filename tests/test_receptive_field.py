@@ -5,8 +5,8 @@ import math
 import pytest
 from torch import nn
 
-from manynets.callbacks.saturation import select_layers
-from manynets.layers.receptive_field import receptive_fields, write_receptive_fields
+from manynets.analysis import read_csv, receptive_fields, select_layers, write_receptive_fields
+from manynets.layers.receptive_field import field_rows, on_skip_path
 from manynets.networks import ResNet, VGG
 
 
@@ -47,5 +47,18 @@ def test_dilation_padding_and_avgpool(tmp_path):
     pooled = receptive_fields(net, (1, 20, 20), avgpool="pool")
     assert pooled[1].receptive_field == 6 and pooled[2].receptive_field == 6 + 2 * 2
     path = write_receptive_fields(receptive_fields(VGG(10, depth=11, width_divisor=16)), tmp_path / "rf.csv")
-    lines = path.read_text().splitlines()
-    assert lines[0] == "layer;map_size;start;jump;receptive_field" and len(lines) == 1 + 8
+    lines = path.read_text().splitlines()  # comma-separated, units in the header
+    assert lines[0] == "layer,map_size (positions),start (px),jump (px),receptive_field (px)" and len(lines) == 1 + 8
+    assert read_csv(path)[0] == {"layer": "stem-0", "map_size": "32", "start": "0.5", "jump": "1.0",
+                                 "receptive_field": "3.0"}  # fmt: skip
+
+
+def test_recurrence_on_a_given_chain_and_skip_names(tmp_path):
+    """The arithmetic alone (layers/): a 5x5/2 conv then a 3x3/1 pool: r = 5, then 5 + 2 * 2 = 9, j = 2."""
+    chain = [("a", nn.Conv2d(1, 1, 5, stride=2, padding=2), 8), ("b", nn.MaxPool2d(3, 1, 1), 8)]
+    rows = field_rows(chain)
+    assert [(r.receptive_field, r.jump, r.start) for r in rows] == [(5, 2, 0.5), (9, 2, 0.5)]
+    assert on_skip_path("body-1-shortcut-0") and on_skip_path("layer1.0.downsample.0") and not on_skip_path("body-1")
+    mlp = receptive_fields(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), (1, 2, 2))
+    assert mlp == []  # vectors: no conv layer, a table with its header only
+    assert write_receptive_fields(mlp, tmp_path / "rf.csv").read_text().startswith("layer,map_size (positions),")

@@ -35,7 +35,7 @@ from manynets.lightning_modules import (
 from manynets.lightning_modules.pinet import PiNetModule
 from manynets.lightning_modules.probe import ProbeModule
 from manynets.metrics import BrierScore, Disagreement, NegativeLogLikelihood, RatioErrors
-from manynets.networks import CifarResNet, WideResNet
+from manynets.networks import CifarResNet, PiMLP, WideResNet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -167,7 +167,7 @@ BUILDERS = {
     "ensemble": _ensemble,
     "probe": lambda f: ProbeModule(backbone=RESNET, num_classes=CLASSES, image_shape=SHAPE, layers="stem|head",
                                    dirpath=str(f.mktemp("probe"))),  # fmt: skip
-    "pinet": lambda _: PiNetModule(num_classes=CLASSES, image_shape=SHAPE, r=6, depth=2, init_seed=0,
+    "pinet": lambda _: PiNetModule(functools.partial(PiMLP, r=6, depth=2, seed=0), CLASSES, SHAPE,
                                    optimizer=functools.partial(PiSGD, lr=0.5)),  # fmt: skip
 }
 
@@ -230,7 +230,7 @@ def test_accuracy_and_nll_equal_an_independent_computation(runs, data, method, s
         variants = {}
         for n in module.eval_n:
             logits = superposed_group_by_group(module, dm, n)
-            variants[f"val_n_metrics.{n}"] = variants[f"test_n_metrics.0.{n}"] = logits
+            variants[f"val_variant_metrics.v_n{n}"] = variants[f"test_variant_metrics.0.v_n{n}.ensemble"] = logits
             if n == module.capacity:
                 variants["val_metrics"] = variants["test_metrics.0.ensemble"] = logits
         assert len(variants) == 2 * len(module.eval_n) + 2
@@ -238,8 +238,8 @@ def test_accuracy_and_nll_equal_an_independent_computation(runs, data, method, s
     else:
         members = image_by_image(module, dm)
         variants = {"val_metrics": members.mean(0), "test_metrics.0.ensemble": members.mean(0)}
-        if isinstance(module, MixMoModule):
-            variants["ts_metrics.0"] = members.mean(0) / run["temperature"]
+        if isinstance(module, MixMoModule):  # the temperature-scaled variant "ts", at test time only
+            variants["test_variant_metrics.0.v_ts.ensemble"] = members.mean(0) / run["temperature"]
     expected_hits = {f"{k}.acc": correct(v, dm.labels) for k, v in variants.items()}
     if members is not None and members.shape[0] > 1:
         expected_hits.update({f"test_metrics.0.members.{k}": correct(m, dm.labels) for k, m in enumerate(members)})
@@ -262,7 +262,7 @@ def test_a_method_that_drops_images_fails_loudly():
             return super().predict_logits(images)[:-1]
 
     module = Dropping(RESNET, CLASSES, SHAPE).eval()
-    with pytest.raises(RuntimeError, match="6 rows of evaluation logits for a batch of 7 images"):
+    with pytest.raises(RuntimeError, match=r"6 rows of evaluation logits \(variant '', shape \(6, 5\)\) for a batch"):
         module.validation_step((torch.randn(7, *SHAPE), torch.randint(CLASSES, (7,))), 0)
 
 
@@ -270,5 +270,6 @@ def test_a_method_that_drops_images_fails_loudly():
 def test_training_still_truncates_to_whole_groups():
     """Training keeps the official truncation: a batch of 7 at n = 2 trains on 6 images."""
     module = SuperpositionModule(WRN, CLASSES, SHAPE, capacity=2, mixup_alpha=0.0).train()
-    loss, logits = module.training_loss(torch.randn(7, *SHAPE), torch.randint(CLASSES, (7,)))
-    assert logits.shape == (6, CLASSES) and torch.isfinite(loss)
+    labels = torch.randint(CLASSES, (7,))
+    loss, logits, targets = module.training_loss(torch.randn(7, *SHAPE), labels)
+    assert logits.shape == (6, CLASSES) and torch.isfinite(loss) and torch.equal(targets, labels[:6])

@@ -135,7 +135,7 @@ def test_cos2_matches_numpy_in_unit_interval_and_scale_invariant():
     with torch.no_grad():
         net.head.weight1.mul_(50.0)  # per-layer scaling changes it (spec 3.6 caveat)
     assert cosine_similarity_squared(net, 0, 1).item() != pytest.approx(before, rel=1e-3)
-    identical = to_subspace(small_resnet(), "line", sources=[small_resnet()])
+    identical = to_subspace(small_resnet(), "line")
     with torch.no_grad():
         for layer in subspace_layers(identical):
             layer.weight1.copy_(-2 * layer.weight)
@@ -162,14 +162,61 @@ def test_conversion_keeps_output_at_theta0(make, kind, k):
     assert not torch.equal(first.weight, first.weight1)
 
 
-def test_conversion_from_sources_and_bn_init():
-    nets = [small_resnet() for _ in range(3)]
-    net = to_subspace(nets[0], "curve", sources=nets[1:])
-    torch.testing.assert_close(net.body[0].conv1.weight2, nets[2].body[0].conv1.weight)
+def test_conversion_with_an_init_callable_draws_each_set_from_a_copy():
+    """A callable init (a backbone's ``init_weights``) gets a copy of each original layer, once per extra
+    set, one layer at a time; set 0 stays the original parameters."""
+    net = small_resnet()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    kept = list(net.modules())  # alive, so no copy can reuse one of their ids
+    originals = {id(m) for m in kept}
+    calls = []
+
+    def init(module):
+        assert id(module) not in originals and not list(module.children())  # a copy of one layer
+        calls.append(type(module))
+        with torch.no_grad():
+            for p in module.parameters():
+                p.fill_(float(len(calls)))
+        return module
+
+    to_subspace(net, "curve", init=init)
+    layers = subspace_layers(net)
+    assert len(calls) == 2 * len(layers)
+    firsts = set()
+    for layer in layers:  # sets 1 and 2 of a layer come from two consecutive calls on its copy
+        first = layer.weight1.flatten()[0].item()
+        assert first % 2 == 1 and first not in firsts
+        firsts.add(first)
+        for name in layer._subspace_names:
+            assert torch.equal(getattr(layer, f"{name}1"), torch.full_like(getattr(layer, name), first))
+            assert torch.equal(getattr(layer, f"{name}2"), torch.full_like(getattr(layer, name), first + 1))
+    for key, value in net.state_dict().items():
+        if key in before:
+            assert torch.equal(value, before[key]), key
     fresh = to_subspace(small_resnet(), "line")
     assert torch.equal(fresh.stem[1].weight1, torch.ones(4)) and torch.equal(fresh.stem[1].bias1, torch.zeros(4))
     std = fresh.body[0].conv1.weight1.std().item()  # kaiming fan_in: std = sqrt(2 / (4 * 9))
     assert std == pytest.approx((2 / 36) ** 0.5, rel=0.3)
+    recipe = small_resnet()
+    by_backbone = to_subspace(recipe, "line", init=recipe.init_weights)  # CifarResNet: Kaiming fan_in too
+    assert by_backbone.body[0].conv1.weight1.std().item() == pytest.approx((2 / 36) ** 0.5, rel=0.3)
+    assert torch.equal(by_backbone.stem[1].weight1, torch.ones(4))
+
+
+def test_float64_network_gets_float64_points():
+    """Coefficients in the parameters' dtype: the point equals a float64 NumPy computation to 1e-15."""
+    net = to_subspace(small_resnet().double(), "curve")
+    layer = net.body[0].conv1
+    assert layer.weight2.dtype == torch.float64 and layer.coefficients.dtype == torch.float64
+    alpha = 0.3
+    set_point(net, subspace_coefficients("curve", alpha, dtype=torch.float64))
+    w0, w1, w2 = [w.detach().numpy() for w in layer.parameter_sets("weight")]
+    ref = (1 - alpha) ** 2 * w0 + alpha**2 * w1 + 2 * alpha * (1 - alpha) * w2
+    np.testing.assert_allclose(layer.point_parameter("weight")[0].detach().numpy(), ref, rtol=0, atol=1e-15)
+    c = sample_coefficients("simplex", 4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    again = sample_coefficients("simplex", 4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    assert c.dtype == torch.float64 and torch.equal(c, again)
+    np.testing.assert_allclose(c.sum(-1).numpy(), 1.0, rtol=0, atol=1e-15)
 
 
 def _data(n_batches=4, b=6, seed=0):

@@ -1,6 +1,5 @@
 """SubspaceModule, the evaluation sweep, the checkpoint ensemble and the shipped configs."""
 
-import csv
 import subprocess
 import sys
 from functools import partial
@@ -14,12 +13,13 @@ import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
 import manynets.lightning_modules.subspaces as subspaces_module
-from manynets.callbacks.subspace_plots import plot_sweep
-from manynets.callbacks.subspace_sweep import run_sweep, sweep_points
+from manynets.analysis.outputs import read_csv, save_figure
+from manynets.analysis.subspace_plots import sweep_figures
+from manynets.analysis.subspace_sweep import run_sweep, sweep_points
 from manynets.layers.subspace import set_point, subspace_coefficients, subspace_layers
 from manynets.layers.subspace_bn import recompute_bn
 from manynets.lightning_modules import CheckpointEnsembleModule, SubspaceModule
-from manynets.networks import CifarResNet
+from manynets.networks import MLP, CifarResNet
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart" / "subspaces_digits.yaml"
@@ -38,7 +38,8 @@ def test_num_samples_splits_the_batch_and_averages():
     model = make(beta=0.0, num_samples=2)
     x, y = torch.randn(6, 3, 8, 8), torch.randint(0, 10, (6,))
     torch.manual_seed(5)
-    loss, logits = model.training_loss(x, y)
+    loss, logits, labels = model.training_loss(x, y)
+    assert torch.equal(labels, y)
     torch.manual_seed(5)
     alphas = [torch.rand(1).item(), torch.rand(1).item()]  # the two draws of sample_point
     expected = []
@@ -77,12 +78,13 @@ def test_cos2_term_uses_random_pairs_including_the_curve_control_point(monkeypat
     for _ in range(20):
         model.training_loss(x, y)
     assert set(pairs) == {(0, 1), (0, 2), (1, 2)}
+    model, x = model.double(), x.double()  # float64: the small cos^2 term survives the difference of losses
     torch.manual_seed(9)
-    with_reg, _ = model.training_loss(x, y)
+    with_reg = model.training_loss(x, y)[0]
     i, j = pairs[-1]
     torch.manual_seed(9)
     model.hparams.beta = 0.0
-    without, _ = model.training_loss(x, y)
+    without = model.training_loss(x, y)[0]
     assert with_reg.item() - without.item() == pytest.approx(2.0 * real(model.network, i, j).item(), rel=1e-4)
 
 
@@ -95,6 +97,50 @@ def test_init_from_backbone_gives_independent_sets_and_bad_args_raise():
         SubspaceModule(SMALL, 10, (3, 8, 8), kind="line", num_vertices=3)
     with pytest.raises(ValueError, match="num_vertices = None"):
         SubspaceModule(SMALL, 10, (3, 8, 8), kind="simplex")
+
+
+def test_float64_model_samples_and_evaluates_in_float64():
+    """Points in the parameters' dtype: the midpoint logits of a float64 curve equal a plain float64 network
+    whose weights are 1/4 theta0 + 1/2 theta2 + 1/4 theta1 computed in NumPy."""
+    model = make(kind="curve").double().eval()
+    model.sample_point(torch.Generator().manual_seed(1))
+    first = torch.cat([layer.coefficients for layer in subspace_layers(model.network)])
+    model.sample_point(torch.Generator().manual_seed(1))
+    again = torch.cat([layer.coefficients for layer in subspace_layers(model.network)])
+    assert first.dtype == torch.float64 and torch.equal(first, again)
+    a = first[0, 1].sqrt().item()  # c = ((1 - a)^2, a^2, 2a(1 - a))
+    np.testing.assert_allclose(first[0].numpy(), [(1 - a) ** 2, a**2, 2 * a * (1 - a)], rtol=0, atol=1e-15)
+    plain = SMALL(10, (3, 8, 8)).double().eval()
+    state = {}
+    for name, value in model.network.state_dict().items():
+        if name.endswith(("weight1", "weight2", "bias1", "bias2")):
+            continue
+        if name.endswith(("weight", "bias")):
+            sets = [value.numpy()] + [model.network.state_dict()[name + s].numpy() for s in ("1", "2")]
+            value = torch.from_numpy(sets[0] / 4 + sets[1] / 4 + sets[2] / 2)
+        state[name] = value
+    plain.load_state_dict(state)
+    x = torch.randn(5, 3, 8, 8, dtype=torch.float64)
+    logits = model.predict_logits(x)
+    assert logits.dtype == torch.float64
+    torch.testing.assert_close(logits, plain(x), rtol=1e-12, atol=1e-12)
+
+
+def test_subspace_of_an_mlp_trains_and_evaluates_at_the_midpoint():
+    model = SubspaceModule(partial(MLP, depth=2, width=16), 10, (3, 8, 8), kind="line")
+    layers = subspace_layers(model.network)
+    assert len(layers) == 3 and all(type(layer).__name__ == "SubspaceLinear" for layer in layers)
+    x, y = torch.randn(6, 3, 8, 8), torch.randint(0, 10, (6,))
+    loss, logits, labels = model.training_loss(x, y)
+    loss.backward()
+    assert logits.shape == (6, 10) and torch.equal(labels, y)
+    assert all(layer.weight1.grad is not None and layer.weight1.grad.abs().sum() > 0 for layer in layers)
+    plain = MLP(10, (3, 8, 8), depth=2, width=16)
+    state = {k: v for k, v in model.network.state_dict().items() if not k.endswith(("weight1", "bias1"))}
+    for k in list(state):
+        state[k] = (state[k] + model.network.state_dict()[k + "1"]) / 2
+    plain.load_state_dict(state)
+    torch.testing.assert_close(model.predict_logits(x), plain(x))
 
 
 def _loaders(n_train=24, n_test=20, seed=0):
@@ -152,8 +198,9 @@ def test_simplex_sweep_points_and_ensembles(tmp_path):
         summed = summed + net(x)
         net.train()
     assert by_name["ensemble_vertices"]["acc"] == pytest.approx((summed.argmax(1) == y).float().mean().item(), abs=1e-6)
-    figures = plot_sweep(rows, "simplex", tmp_path)
-    assert list(figures) == ["subspace_simplex"] and (tmp_path / "subspace_simplex.png").stat().st_size > 10_000
+    figures = sweep_figures(rows, "simplex")
+    assert list(figures) == ["subspace_simplex"]
+    assert save_figure(None, figures["subspace_simplex"], tmp_path, "subspace_simplex").stat().st_size > 10_000
 
 
 def test_checkpoint_ensemble_mean_logits(tmp_path):
@@ -244,7 +291,7 @@ def test_cli_fit_then_test_with_sweep(tmp_path):
             f"--ckpt_path={tmp_path}/ckpt/last.ckpt", *common]  # fmt: skip
     out = subprocess.run(test, check=True, capture_output=True, text=True, cwd=tmp_path, env=env).stdout
     assert "test/acc" in out
-    rows = list(csv.DictReader(open(tmp_path / "sweep" / "subspace_sweep.csv")))
+    rows = read_csv(tmp_path / "sweep" / "subspace_sweep.csv")  # column names without their units
     assert [float(r["alpha"]) for r in rows] == [0.0, 0.25, 0.5, 0.75, 1.0]
     assert all(0 <= float(r["pair_acc"]) <= 1 and 0 <= float(r["pair_tv"]) <= 1 for r in rows)
     assert rows[2]["pair_acc"] == rows[2]["acc"]  # the midpoint paired with itself

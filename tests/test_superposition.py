@@ -15,10 +15,11 @@ import yaml
 from torch import nn
 
 from manynets.cuda_ops.binding import grouped_conv1d_bind, key_to_conv1d_weight
+from manynets.errors import ConfigError
 from manynets.layers.isometry import conv_isometry_penalty
 from manynets.lightning_modules import ClassifierModule, SuperpositionModule
 from manynets.lightning_modules.superposition import mixup
-from manynets.networks import WideResNet
+from manynets.networks import MLP, WideResNet
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart" / "superposition_digits.yaml"
@@ -67,7 +68,7 @@ def test_bad_settings_raise_clear_errors():
             super().__init__()
             self.head = nn.Linear(3, num_classes)
 
-    with pytest.raises(ValueError, match="lacks"):
+    with pytest.raises(ConfigError, match=r"model.init_args.backbone = .*NoSeams: expected a manynets.networks.Backb"):
         make(backbone=NoSeams)
 
 
@@ -99,6 +100,35 @@ def test_forward_matches_the_official_formulation(binding):
     assert torch.allclose(module.forward_superposed(x, n), net.head(unbound), atol=1e-10)
 
 
+@pytest.mark.parametrize("binding", ["hrr", "mbat", "none"])
+def test_vector_features_of_an_mlp_are_bound_on_the_feature_axis(binding):
+    """MLP stem -> vectors (B, C): slot j bound with its key by a direct circular convolution (HRR) or
+    its matrix (MBAT), summed, then body, pool, unbinding and head (spec §1.1 on vectors)."""
+    torch.manual_seed(0)
+    capacity, n = 4, 2
+    module = make(backbone=partial(MLP, depth=2, width=6), capacity=capacity, binding=binding).double().eval()
+    net = module.network
+    x = torch.randn(6, *SHAPE, dtype=torch.float64)
+    s = net.stem(x)
+    assert s.shape == (6, 6)
+    slots = s.view(3, n, 6).repeat(1, capacity // n, 1)  # slot j holds image j mod n
+    if binding == "hrr":
+        keys = module.binding.keys.detach()
+        idx = (torch.arange(6)[:, None] - torch.arange(6)[None, :]) % 6  # out[m] = sum_t a[t] k[(m - t) mod C]
+        bound = torch.stack([slots[:, j] @ keys[j][idx].T for j in range(capacity)], 1)
+    elif binding == "mbat":
+        bound = torch.stack([slots[:, j] @ module.binding.weight.detach()[j].T for j in range(capacity)], 1)
+    else:
+        bound = slots
+    features = net.pool(net.body(bound.sum(1)))
+    w, b = module.unbinding.linear.weight.detach(), module.unbinding.linear.bias.detach()
+    unbound = torch.relu(features @ w.T + b).view(3, capacity // n, n, 6).mean(1).reshape(6, 6)
+    assert torch.allclose(module.forward_superposed(x, n), net.head(unbound), atol=1e-10)
+    variants = module.evaluation_logits(x[:5])  # a partial last group is padded
+    assert set(variants) == {"", "n1", "n2", "n4"} and variants[""] is variants["n4"]
+    assert all(v.shape == (5, 5) for v in variants.values())
+
+
 def test_groups_do_not_interact_but_partners_do():
     torch.manual_seed(0)
     module = make(capacity=2).eval()
@@ -122,7 +152,7 @@ def test_training_loss_without_mixup_adds_both_regularizers():
     module = make(capacity=2, mixup_alpha=0.0, bind_weight=0.1, isometry_weight=1e-3)
     module.log_dict = lambda *a, **k: None
     x, y = torch.randn(5, *SHAPE), torch.randint(0, 5, (5,))
-    loss, logits = module.training_loss(x, y)
+    loss, logits, targets = module.training_loss(x, y)
     keys = module.binding.keys.detach()
     norms = keys.norm(dim=1)
     cos = (keys[0] @ keys[1]) / (norms[0] * norms[1])
@@ -130,7 +160,7 @@ def test_training_loss_without_mixup_adds_both_regularizers():
     convs = [m for m in module.network.body.modules() if isinstance(m, nn.Conv2d)]
     r_iso = sum(conv_isometry_penalty(m.weight.detach(), m.stride) for m in convs)
     expected = F.cross_entropy(module.forward_superposed(x, 2), y[:4]) + 0.1 * r_bind + 1e-3 * r_iso
-    assert logits.shape == (4, 5)
+    assert logits.shape == (4, 5) and torch.equal(targets, y[:4])
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 

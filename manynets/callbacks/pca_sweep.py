@@ -1,9 +1,10 @@
 """PHD-LAB's ``project`` mode as a test-time callback (spec pinet_saturation §2.7-2.8).
 
-After ``manynets test`` it fits PCA projections (:mod:`manynets.layers.pca`) after the chosen layers
-of the backbone on the training split (eval mode), then re-evaluates the first test set for every
-delta of the sweep and writes ``pca_sweep.csv`` (delta, accuracy, loss, summed dimension, summed
-width, mean saturation; with ``random_control`` also the random-orthonormal-subspace control).
+After ``manynets test`` it fits PCA projections (:mod:`manynets.analysis.pca`) after the chosen layers
+of the model on the training split (eval mode), then re-evaluates the model's default prediction on
+the first test set for every delta of the sweep and writes ``pca_sweep.csv`` (delta, accuracy, loss,
+summed dimension, summed width, mean saturation; with ``random_control`` also the
+random-orthonormal-subspace control; comma-separated, units in the header).
 
     manynets test --config configs/probe/cifar10_vgg_saturation.yaml --ckpt_path <ckpt> \\
       --trainer.callbacks+=manynets.callbacks.PCADeltaSweep
@@ -11,13 +12,17 @@ width, mean saturation; with ``random_control`` also the random-orthonormal-subs
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import lightning.pytorch as pl
 
-from manynets.callbacks.saturation import backbone_of, check_layer_options
+from manynets.analysis import (
+    SWEEP_DELTAS,
+    check_layer_options,
+    delta_sweep,
+    output_dir,
+    prediction,
+    train_and_test_loaders,
+)
 from manynets.errors import check_arg
-from manynets.layers.pca import SWEEP_DELTAS, delta_sweep
 
 
 class PCADeltaSweep(pl.Callback):
@@ -56,14 +61,8 @@ class PCADeltaSweep(pl.Callback):
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        dm = trainer.datamodule
-        if dm is None:
-            raise ValueError("PCADeltaSweep needs a data module (its training split fits the projections)")
-        dm.setup("fit")
-        test = dm.test_dataloader()
-        test = test[0] if isinstance(test, list) else test
-        directory = Path(self.dirpath or trainer.log_dir or trainer.default_root_dir)
+        train, test = train_and_test_loaders(trainer, "PCADeltaSweep")
         self.rows = delta_sweep(
-            backbone_of(pl_module), dm.train_dataloader(), test, directory / "pca_sweep.csv", self.deltas,
-            self.layers, self.types, self.centering, self.downsampling, self.random_control,
+            pl_module, train, test, output_dir(trainer, self.dirpath) / "pca_sweep.csv", self.deltas, self.layers,
+            self.types, self.centering, self.downsampling, self.random_control, predict=prediction(pl_module),
         )  # fmt: skip

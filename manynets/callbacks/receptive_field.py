@@ -1,18 +1,17 @@
 """Write the receptive field of every conv layer of the backbone at the start of a run (spec §2.7).
 
-The CSV ``receptive_field.csv`` (``layer;map_size;start;jump;receptive_field``) lands in ``dirpath``
-(default: the trainer's ``log_dir``); the computation is :func:`manynets.layers.receptive_field.receptive_fields`.
+The CSV ``receptive_field.csv`` (comma-separated; PHD-LAB's is ``;``-separated: ``layer,
+map_size (positions), start (px), jump (px), receptive_field (px)``) lands in ``dirpath`` (default: the
+trainer's ``log_dir``); the computation is :func:`manynets.analysis.receptive_field.receptive_fields`.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 import lightning.pytorch as pl
 
-from manynets.callbacks.saturation import backbone_of
-from manynets.layers.receptive_field import receptive_fields, write_receptive_fields
+from manynets.analysis import output_dir, receptive_fields, write_receptive_fields
 
 
 class ReceptiveField(pl.Callback):
@@ -32,8 +31,7 @@ class ReceptiveField(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self.rows or not trainer.is_global_zero:
             return
-        network = backbone_of(pl_module)
+        network = getattr(pl_module, "network", pl_module)
         shape = tuple(getattr(pl_module, "image_shape", None) or (3, 32, 32))
         self.rows = receptive_fields(network, shape, self.remove_skips, self.avgpool)
-        directory = Path(self.dirpath or trainer.log_dir or trainer.default_root_dir)
-        write_receptive_fields(self.rows, directory / "receptive_field.csv")
+        write_receptive_fields(self.rows, output_dir(trainer, self.dirpath) / "receptive_field.csv")

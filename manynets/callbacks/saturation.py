@@ -1,15 +1,16 @@
 """Layer saturation tracked online during training (delve / PHD-LAB, spec pinet_saturation §2.1-2.3).
 
-:class:`Saturation` hooks the outputs of the Conv2d and Linear layers of any backbone (raw outputs:
-pre-BN, pre-activation, as delve does) and, per layer and per mode (``train`` batches, ``eval`` =
-validation batches, ``test``), accumulates a float64 covariance over the **whole epoch** (delve >=
-0.1.45 only keeps the last batch, spec §2.3; this is PHD-LAB's intended behaviour with the
+:class:`Saturation` taps the outputs of the Conv2d and Linear layers of any model (raw outputs: pre-BN,
+pre-activation, as delve does; the layers of the backbone and of the method's own parts, e.g. MixMo's
+member stems and heads, see :mod:`manynets.analysis.selection`) and, per mode (``train`` batches,
+``eval`` = validation batches, ``test``), accumulates a float64 covariance over the **whole epoch**
+(delve >= 0.1.45 only keeps the last batch, spec §2.3; this is PHD-LAB's intended behaviour with the
 0.1.41 it pins). At the end of every training epoch the sums are all-reduced across DDP ranks, the
-intrinsic dimension and the saturation (spec §2.2, ``manynets.layers.covariance``) are computed and
+intrinsic dimension and the saturation (spec §2.2) are computed (:mod:`manynets.analysis.saturation`) and
 
 - logged as ``saturation/{mode}/{layer}`` and ``idim/{mode}/{layer}``,
-- written to ``saturation.csv`` (one row per epoch; on resume the rows of the re-run epochs are
-  replaced, so the file never holds duplicates),
+- written to ``saturation.csv`` (one row per epoch; saturation a fraction, units in the header; on
+  resume the rows of the re-run epochs are replaced, so the file never holds duplicates),
 - drawn as a per-layer bar plot ``saturation_epoch{k:03d}.png`` (also sent to TensorBoard / any
   logger with ``log_image``).
 
@@ -22,76 +23,26 @@ cost (batch-centred products, see :class:`~manynets.layers.covariance.StreamingC
 
 from __future__ import annotations
 
-import csv
-import re
-from pathlib import Path
 from typing import Literal
 
 import lightning.pytorch as pl
 import torch
-from torch import nn
 
-from manynets.errors import ConfigError, check_arg
-from manynets.layers.covariance import (
-    ConvMethod,
-    Count,
-    StreamingCovariance,
-    count_from_eigenvalues,
-    eigen_descending,
-    layer_samples,
+from manynets.analysis import (
+    SaturationTracker,
+    check_layer_options,
+    output_dir,
+    plot_saturation,
+    read_csv,
+    save_figure,
+    select_layers,
+    write_csv,
 )
+from manynets.errors import check_arg
+from manynets.layers.covariance import ConvMethod, Count
 
-_TYPES = {"Conv2d": nn.Conv2d, "Linear": nn.Linear, "Conv1d": nn.Conv1d, "Conv3d": nn.Conv3d}
 Mode = Literal["train", "eval", "test"]
-
-
-def backbone_of(pl_module: nn.Module) -> nn.Module:
-    """The backbone (``.network``) of a manynets module, else the module itself."""
-    return getattr(pl_module, "network", pl_module)
-
-
-def check_layer_options(prefix: str, layers: str | None, types: list[str] | tuple[str, ...]) -> None:
-    """Constructor check of the ``layers`` regular expression and ``types`` names; ``prefix`` is the
-    argument path as written in a config (``model.init_args.``, ``trainer.callbacks[Saturation].init_args.``)."""
-    try:
-        re.compile(layers or "")
-    except re.error as err:
-        raise ConfigError(f"{prefix}layers = {layers!r}: expected a regular expression on layer names ({err}). "
-                          "Escape special characters, e.g. 'body-0' or 'stem|head'.") from None  # fmt: skip
-    unknown = [t for t in types if t not in _TYPES]
-    check_arg(bool(types) and not unknown, prefix + "types", list(types), f"names among {sorted(_TYPES)}",
-              f"These are unknown: {unknown}." if unknown else "Give at least one layer type.")
-
-
-def select_layers(
-    network: nn.Module, layers: str | None = None, types: list[str] | tuple[str, ...] = ("Conv2d", "Linear")
-) -> dict[str, nn.Module]:
-    """Leaf modules of the given types whose delve-style name (path joined by ``-``) matches ``layers``.
-
-    ``layers`` is a regular expression searched in the name (``None``: all). Raises when nothing matches,
-    listing the candidate names.
-    """
-    unknown = [t for t in types if t not in _TYPES]
-    if unknown:
-        raise ValueError(f"layer types {unknown}; expected names among {sorted(_TYPES)}")
-    classes = tuple(_TYPES[t] for t in types)
-    candidates = {name.replace(".", "-"): m for name, m in network.named_modules() if name and isinstance(m, classes)}
-    pattern = re.compile(layers) if layers else None
-    chosen = {n: m for n, m in candidates.items() if pattern is None or pattern.search(n)}
-    if not chosen:
-        raise ValueError(
-            f"layer filter {layers!r} with types {list(types)} matches no layer of {type(network).__name__}; "
-            f"candidates: {', '.join(list(candidates)[:30])}{' ...' if len(candidates) > 30 else ''}"
-        )
-    return chosen
-
-
-def layer_width(module: nn.Module) -> int:
-    """D of a layer: output channels / features."""
-    for attr in ("out_channels", "out_features"):
-        if hasattr(module, attr):
-            return int(getattr(module, attr))
-    raise ValueError(f"cannot tell the width of {type(module).__name__}; track Conv or Linear layers")
+UNITS = {"saturation": "fraction", "idim": "dimensions"}
 
 
 class Saturation(pl.Callback):
@@ -139,56 +90,32 @@ class Saturation(pl.Callback):
         self.modes = list(modes)
         self.matmul_dtype = getattr(torch, matmul_dtype)
         self.dirpath, self.plot = dirpath, plot
-        self.covariances: dict[str, dict[str, StreamingCovariance]] = {}
-        self.widths: dict[str, int] = {}
+        self.tracker: SaturationTracker | None = None
         self.rows: list[dict[str, float]] = []
         self.last: dict[str, float] = {}
-        self._mode: str | None = None
-        self._pending: list[tuple[str, torch.Tensor]] = []
-        self._handles: list = []
 
-    # -- hooks on the backbone ---------------------------------------------------------
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._handles:
-            return
-        chosen = select_layers(backbone_of(pl_module), self.layers, self.types)
-        for name, module in chosen.items():
-            self.widths[name] = layer_width(module)
-            self._handles.append(module.register_forward_hook(self._make_hook(name)))
+    # -- hooks on the model ---------------------------------------------------------------
+    def attach(self, pl_module: torch.nn.Module) -> SaturationTracker:
+        """Tap the chosen layers of ``pl_module`` (once; after ``configure_model``, so deferred networks exist)."""
+        if self.tracker is None:
+            self.tracker = SaturationTracker(select_layers(pl_module, self.layers, self.types), self.delta, self.count,
+                                             self.conv_method, self.downsampling, self.matmul_dtype)  # fmt: skip
+        return self.tracker
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.attach(pl_module)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.attach(pl_module)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def _make_hook(self, name: str):
-        def hook(module: nn.Module, inputs, output: torch.Tensor) -> None:
-            if self._mode is not None and torch.is_tensor(output):
-                self._pending.append((name, output.detach()))
-
-        return hook
-
-    def flush(self) -> None:
-        """Add the outputs recorded in this batch to the covariances of the current mode.
-
-        Done at the batch end (after the backward pass) rather than inside the forward hooks: the same
-        products, measured ~2 points of step time cheaper on a CPU (they no longer interleave with the
-        forward pass). The outputs are alive until then anyway (autograd saves them for the backward).
-        """
-        mode, pending, self._pending = self._mode, self._pending, []
-        if mode is None:
-            return
-        per_mode = self.covariances.setdefault(mode, {})
-        for name, output in pending:
-            samples = layer_samples(output, self.conv_method, self.downsampling)
-            if name not in per_mode:
-                per_mode[name] = StreamingCovariance(samples.shape[1], samples.device, self.matmul_dtype)
-            per_mode[name].update(samples)
+        if self.tracker is not None:
+            self.tracker.remove()
+            self.tracker = None
 
     def _start(self, trainer: pl.Trainer, mode: str, batch_idx: int) -> None:
         record = mode in self.modes and not trainer.sanity_checking and batch_idx % self.every_n_batches == 0
-        self._mode = mode if record else None
-        self._pending = []
+        self.tracker.start(mode if record else None)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._start(trainer, "train", batch_idx)
@@ -200,22 +127,22 @@ class Saturation(pl.Callback):
         self._start(trainer, "test", batch_idx)
 
     def _stop(self, *args, **kwargs) -> None:
-        self.flush()
-        self._mode = None
+        self.tracker.flush()
+        self.tracker.start(None)
 
     on_train_batch_end = on_validation_batch_end = on_test_batch_end = _stop
 
     # -- epoch ends ---------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """On resume keep the CSV rows of the finished epochs only (no duplicates, spec §2.11.7)."""
-        path = self._dir(trainer) / "saturation.csv"
+        """Tap the layers; on resume keep the CSV rows of the finished epochs only (no duplicates, spec §2.11.7)."""
+        self.attach(pl_module)
+        path = output_dir(trainer, self.dirpath) / "saturation.csv"
         if trainer.current_epoch > 0 and path.is_file() and not self.rows:
-            with open(path, newline="") as f:
-                self.rows = [
-                    {k: float(v) for k, v in row.items() if v != ""}
-                    for row in csv.DictReader(f)
-                    if int(float(row["epoch"])) < trainer.current_epoch
-                ]
+            self.rows = [
+                {k: float(v) for k, v in row.items() if v != ""}
+                for row in read_csv(path)
+                if int(float(row["epoch"])) < trainer.current_epoch
+            ]
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning runs the epoch's validation before this hook, so both modes are complete here.
@@ -230,24 +157,8 @@ class Saturation(pl.Callback):
             self._finish(trainer, pl_module, ["test"], trainer.current_epoch, csv_name="saturation_test.csv")
 
     def compute(self, mode: str) -> dict[str, tuple[int, float]]:
-        """All-reduce and evaluate one mode: ``{layer: (intrinsic dimension, saturation)}``; resets the sums.
-
-        Every rank must call it (collective); every layer is reduced in the same order on every rank.
-        """
-        results = {}
-        per_mode = self.covariances.get(mode, {})
-        for name in self.widths:
-            cov = per_mode.get(name)
-            if cov is None:
-                continue
-            cov.all_reduce()
-            if cov.n == 0:
-                continue
-            eig = eigen_descending(cov.covariance())[0]
-            idim = count_from_eigenvalues(eig, self.delta, self.count)
-            results[name] = (idim, idim / cov.dim)
-            cov.reset()
-        return results
+        """``{layer: (intrinsic dimension, saturation)}`` of one mode (collective under DDP; resets the sums)."""
+        return self.tracker.compute(mode) if self.tracker is not None else {}
 
     def _finish(self, trainer, pl_module, modes: list[str], epoch: int, csv_name: str = "saturation.csv") -> None:
         row: dict[str, float] = {"epoch": epoch}
@@ -266,65 +177,11 @@ class Saturation(pl.Callback):
             pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=False, rank_zero_only=True)
         if not trainer.is_global_zero:
             return
-        directory = self._dir(trainer)
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = output_dir(trainer, self.dirpath)
         rows = self.rows if csv_name == "saturation.csv" else []  # test/validate runs: one row
         rows.append(row)
-        _write_csv(directory / csv_name, rows)
+        write_csv(directory / csv_name, rows, UNITS)
         if self.plot:
             tag = csv_name.removesuffix(".csv")
-            fig = plot_saturation(by_mode, self.widths, f"{tag}, epoch {epoch}, delta {self.delta}")
-            fig.savefig(directory / f"{tag}_epoch{epoch:03d}.png", dpi=100, bbox_inches="tight")
-            log_figure(trainer, tag, fig, trainer.global_step)
-            import matplotlib.pyplot as plt
-
-            plt.close(fig)
-
-    def _dir(self, trainer: pl.Trainer) -> Path:
-        return Path(self.dirpath or trainer.log_dir or trainer.default_root_dir)
-
-
-def _write_csv(path: Path, rows: list[dict[str, float]]) -> None:
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def plot_saturation(by_mode: dict[str, dict[str, float]], widths: dict[str, int], title: str):
-    """Grouped bar plot of saturation (%) per layer, one colour per mode (matplotlib, Agg)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    names = [n for n in widths if any(n in v for v in by_mode.values())]
-    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names) + 2), 4))
-    width = 0.8 / max(len(by_mode), 1)
-    for i, (mode, values) in enumerate(by_mode.items()):
-        xs = [j + (i - (len(by_mode) - 1) / 2) * width for j in range(len(names))]
-        ax.bar(xs, [100 * values.get(n, float("nan")) for n in names], width, label=mode)
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels(names, rotation=90, fontsize=7)
-    ax.set_ylabel("saturation (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    return fig
-
-
-def log_figure(trainer: pl.Trainer, tag: str, fig, step: int) -> None:
-    """Send a matplotlib figure to every logger that takes images (TensorBoard ``add_figure``, ``log_image``)."""
-    for logger in trainer.loggers:
-        experiment = getattr(logger, "experiment", None)
-        if hasattr(experiment, "add_figure"):
-            experiment.add_figure(tag, fig, global_step=step, close=False)
-        elif hasattr(logger, "log_image"):
-            try:
-                logger.log_image(key=tag, images=[fig], step=step)
-            except (TypeError, ValueError):  # a logger whose log_image takes other arguments
-                pass
+            fig = plot_saturation(by_mode, self.tracker.names, f"{tag}, epoch {epoch}, delta {self.delta}")
+            save_figure(trainer, fig, directory, f"{tag}_epoch{epoch:03d}", tag=tag)

@@ -6,6 +6,9 @@ the slots (bundling)::
 
     s[g, :, h, w] = sum_j  x[g, j, :, h, w] (*) k_j,     (a (*) k)[m] = sum_t a[t] k[(m - t) mod C]
 
+The same op binds vector features (G, n, C) (a stem that ends in a Linear layer, e.g. an MLP): there is
+one "pixel", ``s[g] = sum_j x[g, j] (*) k_j``; any trailing spatial axes are treated alike.
+
 The official code (``IBM/multiple-input-multiple-output-nets`` ``MIMOConv/src/superposition.py``)
 computes it as a grouped ``Conv1d`` (groups = N, kernel C, circular padding C/2, first output
 dropped), O(C^2) per pixel. That conv computes ``out[m] = sum_j x[j] w[(j - m - 1 + C/2) mod C]``,
@@ -114,10 +117,10 @@ def grouped_conv1d_bind(x: Tensor, weight: Tensor) -> Tensor:
 
 
 def _check_bind_args(x: Tensor, keys: Tensor) -> None:
-    if x.dim() != 5 or keys.dim() != 2 or x.shape[1] != keys.shape[0] or x.shape[2] != keys.shape[1]:
+    if x.dim() < 3 or keys.dim() != 2 or x.shape[1] != keys.shape[0] or x.shape[2] != keys.shape[1]:
         raise ValueError(
-            f"hrr_bind_bundle expects x (G, n, C, H, W) and keys (n, C); got x {tuple(x.shape)} and keys "
-            f"{tuple(keys.shape)}. Reshape the batch to groups of n slots first."
+            f"hrr_bind_bundle expects x (G, n, C, H, W) or (G, n, C) and keys (n, C); got x {tuple(x.shape)} "
+            f"and keys {tuple(keys.shape)}. Reshape the batch to groups of n slots first."
         )
 
 
@@ -133,17 +136,19 @@ def circulant(keys: Tensor) -> Tensor:
 
 
 def _bind_matmul(x: Tensor, keys: Tensor) -> Tensor:
-    g, n, c, h, w = x.shape
+    """x (G, n, C, P) with P pixels -> (G, C, P)."""
+    g, n, c, p = x.shape
     stacked = circulant(keys.to(x.dtype)).permute(1, 0, 2).reshape(c, n * c)  # [M_1 ... M_n]
-    return torch.matmul(stacked, x.reshape(g, n * c, h * w)).view(g, c, h, w)
+    return torch.matmul(stacked, x.reshape(g, n * c, p))
 
 
 def _bind_fft(x: Tensor, keys: Tensor) -> Tensor:
+    """x (G, n, C, P) with P pixels -> (G, C, P)."""
     c = x.shape[2]
     dt = _fft_dtype(x)
-    xf = torch.fft.rfft(x.to(dt), dim=2)  # (G, n, F, H, W)
+    xf = torch.fft.rfft(x.to(dt), dim=2)  # (G, n, F, P)
     kf = torch.fft.rfft(keys.to(dt), dim=1)  # (n, F)
-    sf = torch.einsum("gnfhw,nf->gfhw", xf, kf)
+    sf = torch.einsum("gnfp,nf->gfp", xf, kf)
     return torch.fft.irfft(sf, n=c, dim=1).to(x.dtype).contiguous()
 
 
@@ -158,6 +163,8 @@ def hrr_bind_bundle(x: Tensor, keys: Tensor, method: str = "auto") -> Tensor:
     """Bind slot j of ``x`` (G, n, C, H, W) with ``keys[j]`` (n, C) along C and sum the slots -> (G, C, H, W).
 
     ``out[g, :, h, w] = sum_j x[g, j, :, h, w] (*) keys[j]`` (circular convolution, spec §1.1 step 4).
+    Vectors (G, n, C) -> (G, C) likewise (``out[g] = sum_j x[g, j] (*) keys[j]``), and any other trailing
+    axes after C.
 
     ``method``: ``fft`` (one rFFT of x, a complex multiply-add over slots, one inverse rFFT; O(C log C)
     per pixel), ``matmul`` (one GEMM with the stacked circulant matrices of the keys, O(n C^2) per pixel
@@ -166,14 +173,17 @@ def hrr_bind_bundle(x: Tensor, keys: Tensor, method: str = "auto") -> Tensor:
     same circular convolution.
     """
     _check_bind_args(x, keys)
-    return _bind_fft(x, keys) if _use_fft(method, x.shape[2]) else _bind_matmul(x, keys)
+    g, n, c, *pixels = x.shape
+    flat = x.reshape(g, n, c, -1)
+    out = _bind_fft(flat, keys) if _use_fft(method, c) else _bind_matmul(flat, keys)
+    return out.view(g, c, *pixels)
 
 
 @hrr_bind_bundle.register_fake
 def _(x: Tensor, keys: Tensor, method: str = "auto") -> Tensor:
     _check_bind_args(x, keys)
-    g, _, c, h, w = x.shape
-    return x.new_empty((g, c, h, w))
+    g, _, c, *pixels = x.shape
+    return x.new_empty((g, c, *pixels))
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -186,26 +196,29 @@ def _backward(ctx, grad: Tensor):
     """d/dx_j = grad (.) k_j (correlation = transposed circulant); d/dk_j[s] = sum over g, h, w, m of
     grad[m] x_j[m - s]."""
     x, keys = ctx.saved_tensors
-    g, n, c, h, w = x.shape
+    shape = x.shape
+    g, n, c = shape[:3]
+    x = x.reshape(g, n, c, -1)
+    p = x.shape[3]
     grad_x = grad_keys = None
     if _use_fft(ctx.method, c):
         dt = _fft_dtype(x)
-        gf = torch.fft.rfft(grad.to(dt), dim=1)  # (G, F, H, W)
+        gf = torch.fft.rfft(grad.reshape(g, c, p).to(dt), dim=1)  # (G, F, P)
         if ctx.needs_input_grad[0]:
             kf = torch.fft.rfft(keys.to(dt), dim=1)
-            grad_x = torch.fft.irfft(gf.unsqueeze(1) * kf.conj()[None, :, :, None, None], n=c, dim=2)
-            grad_x = grad_x.to(x.dtype).contiguous()
+            grad_x = torch.fft.irfft(gf.unsqueeze(1) * kf.conj()[None, :, :, None], n=c, dim=2)
+            grad_x = grad_x.to(x.dtype).reshape(shape).contiguous()
         if ctx.needs_input_grad[1]:
             xf = torch.fft.rfft(x.to(dt), dim=2)
-            grad_keys = torch.fft.irfft(torch.einsum("gnfhw,gfhw->nf", xf.conj(), gf), n=c, dim=1).to(keys.dtype)
+            grad_keys = torch.fft.irfft(torch.einsum("gnfp,gfp->nf", xf.conj(), gf), n=c, dim=1).to(keys.dtype)
         return grad_x, grad_keys, None
-    grad_rows = grad.reshape(g, c, h * w)
+    grad_rows = grad.reshape(g, c, p)
     if ctx.needs_input_grad[0]:
         stacked = circulant(keys.to(x.dtype)).permute(1, 0, 2).reshape(c, n * c)
-        grad_x = torch.matmul(stacked.T, grad_rows).view(g, n, c, h, w)
+        grad_x = torch.matmul(stacked.T, grad_rows).reshape(shape)
     if ctx.needs_input_grad[1]:
         # A[m, j, t] = sum_(g, p) grad[g, m, p] x[g, j, t, p]; grad_k[j, s] = sum_m A[m, j, (m - s) mod C]
-        a = torch.bmm(grad_rows, x.reshape(g, n * c, h * w).transpose(1, 2)).sum(0).view(c, n, c)
+        a = torch.bmm(grad_rows, x.reshape(g, n * c, p).transpose(1, 2)).sum(0).view(c, n, c)
         ar = torch.arange(c, device=x.device)
         diag = (ar[:, None] - ar[None, :]) % c  # (m, s) -> t
         grad_keys = a.permute(1, 0, 2).gather(2, diag.expand(n, c, c)).sum(1).to(keys.dtype)

@@ -30,6 +30,7 @@ import sys
 
 import torch
 
+from manynets.cuda_ops.pi_math import phi, phi_prime, psi_numerator
 
 DEFAULT_CHUNK = 16384
 """Rows per chunk. 16384 keeps a chunk's (batch x chunk) working set in cache on a CPU: measured 2.5x
@@ -41,73 +42,54 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def _check_chunk(chunk_size: int) -> None:
+def _chunks(rows: int, chunk_size: int):
+    """Slices of ``chunk_size`` rows covering ``range(rows)``."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 rows, got {chunk_size}.")
+    return (slice(lo, min(lo + chunk_size, rows)) for lo in range(0, rows, chunk_size))
 
 
 def pi_forward_chunked(
     gbar: torch.Tensor, s: torch.Tensor, A: torch.Tensor, B: torch.Tensor, Amult: torch.Tensor, chunk_size: int
 ) -> torch.Tensor:
     """``(phi(gbar B^T) * s * Amult) @ A`` streamed over M in chunks; gbar (b, r), s (b,)."""
-    from manynets.layers.pi_math import phi  # lazy: manynets.layers imports this module
-
-    _check_chunk(chunk_size)
     dtype = _compute_dtype(gbar)
     gbar, s = gbar.to(dtype), s.to(dtype)
     out = torch.zeros(gbar.shape[0], A.shape[1], dtype=dtype, device=gbar.device)
-    for lo in range(0, A.shape[0], chunk_size):
-        hi = min(lo + chunk_size, A.shape[0])
-        w = phi(gbar @ B[lo:hi].to(dtype).T)
-        w.mul_(Amult[lo:hi].to(dtype))
-        out.addmm_(w, A[lo:hi].to(dtype))
+    for rows in _chunks(A.shape[0], chunk_size):
+        w = phi(gbar @ B[rows].to(dtype).T)
+        w.mul_(Amult[rows].to(dtype))
+        out.addmm_(w, A[rows].to(dtype))
     return out.mul_(s[:, None])
-
-
-@torch.library.custom_op("manynets::pi_forward", mutates_args=())
-def pi_forward_op(
-    gbar: torch.Tensor, s: torch.Tensor, A: torch.Tensor, B: torch.Tensor, Amult: torch.Tensor, chunk_size: int
-) -> torch.Tensor:
-    return pi_forward_chunked(gbar, s, A, B, Amult, chunk_size)
-
-
-@pi_forward_op.register_fake
-def _(gbar, s, A, B, Amult, chunk_size):
-    return gbar.new_empty(gbar.shape[0], A.shape[1], dtype=_compute_dtype(gbar))
 
 
 def pi_backward_chunked(
     delta: torch.Tensor, gbar: torch.Tensor, A: torch.Tensor, B: torch.Tensor, Amult: torch.Tensor, chunk_size: int
 ) -> torch.Tensor:
     """Gradient w.r.t. the layer input g = s * gbar of ``sum(delta * forward)`` (module doc), chunked over M."""
-    from manynets.layers.pi_math import phi_prime, psi_numerator
-
-    _check_chunk(chunk_size)
     dtype = _compute_dtype(gbar)
     gbar, delta = gbar.to(dtype), delta.to(dtype)
     grad = torch.zeros_like(gbar)
     radial = torch.zeros(gbar.shape[0], dtype=dtype, device=gbar.device)
-    for lo in range(0, A.shape[0], chunk_size):
-        hi = min(lo + chunk_size, A.shape[0])
-        Bc = B[lo:hi].to(dtype)
+    for rows in _chunks(A.shape[0], chunk_size):
+        Bc = B[rows].to(dtype)
         q = gbar @ Bc.T
-        gamma = delta @ A[lo:hi].to(dtype).T
-        gamma.mul_(Amult[lo:hi].to(dtype))
+        gamma = delta @ A[rows].to(dtype).T
+        gamma.mul_(Amult[rows].to(dtype))
         radial += (gamma * psi_numerator(q)).sum(1)
         grad.addmm_(gamma.mul_(phi_prime(q)), Bc)
     return grad.add_(radial[:, None] * gbar)
 
 
-@torch.library.custom_op("manynets::pi_backward", mutates_args=())
-def pi_backward_op(
-    delta: torch.Tensor, gbar: torch.Tensor, A: torch.Tensor, B: torch.Tensor, Amult: torch.Tensor, chunk_size: int
-) -> torch.Tensor:
-    return pi_backward_chunked(delta, gbar, A, B, Amult, chunk_size)
-
-
-@pi_backward_op.register_fake
-def _(delta, gbar, A, B, Amult, chunk_size):
-    return torch.empty_like(gbar, dtype=_compute_dtype(gbar))
+# The chunked functions as torch.library custom ops, with fake (meta) implementations for tracing.
+pi_forward_op = torch.library.custom_op("manynets::pi_forward", pi_forward_chunked, mutates_args=())
+pi_forward_op.register_fake(
+    lambda gbar, s, A, B, Amult, chunk_size: gbar.new_empty(gbar.shape[0], A.shape[1], dtype=_compute_dtype(gbar))
+)
+pi_backward_op = torch.library.custom_op("manynets::pi_backward", pi_backward_chunked, mutates_args=())
+pi_backward_op.register_fake(
+    lambda delta, gbar, A, B, Amult, chunk_size: torch.empty_like(gbar, dtype=_compute_dtype(gbar))
+)
 
 
 def _compiling() -> bool:
@@ -134,8 +116,6 @@ def pi_forward_reference(
     gbar: torch.Tensor, s: torch.Tensor, A: torch.Tensor, B: torch.Tensor, Amult: torch.Tensor
 ) -> torch.Tensor:
     """The straightforward unchunked formula (one b x M matrix); differentiable by autograd."""
-    from manynets.layers.pi_math import phi
-
     dtype = _compute_dtype(gbar)
     q = gbar.to(dtype) @ B.to(dtype).T
     return (phi(q) * s.to(dtype)[:, None] * Amult.to(dtype)) @ A.to(dtype)

@@ -31,15 +31,28 @@ from manynets.errors import DataError, check_arg
 class ImageDataModule(pl.LightningDataModule):
     """Base class: seeded train/val split, standard augmentation and loaders.
 
+    Subclasses take their own arguments and hand the ones below on with ``**kwargs`` (so the CLI lists
+    these, with these descriptions, for every data module), and set the class attributes ``num_classes``,
+    ``image_shape`` and the data set's per-channel statistics ``mean``/``std`` (a one-value tuple applies
+    to every channel); a subclass whose shape or statistics depend on its arguments sets them on the
+    instance before calling this constructor.
+
     Args:
         data_dir: root folder of the data set files.
         batch_size: training batch size (per process under DDP).
         eval_batch_size: batch size for validation and test (default: ``batch_size``).
         val_split: number (int >= 1) or fraction (0 < x < 1) of training samples held out
             for validation, drawn with ``seed``; ``0`` validates on the test set (warns).
-        augment: random crop (padding 4) and horizontal flip on the training split.
-        num_workers, pin_memory, persistent_workers: passed to the DataLoaders.
+        augment: random crop (padding 4), plus a horizontal flip where the data set allows it, on the
+            training split.
+        num_workers: DataLoader worker processes (0: load in the main process).
+        pin_memory: DataLoader ``pin_memory`` (page-locked batches for faster copies to a GPU).
+        persistent_workers: keep the DataLoader workers alive between epochs (only with ``num_workers`` > 0).
         seed: seed of the train/val split (independent of the training seed).
+        mean: per-channel normalisation mean (one value: the same for every channel); ``None`` uses
+            the data set's statistics (MixMo and the subspaces paper use other values; their configs set them).
+        std: per-channel normalisation standard deviation, > 0 (one value: the same for every channel);
+            ``None`` uses the data set's statistics.
     """
 
     num_classes: int
@@ -60,6 +73,8 @@ class ImageDataModule(pl.LightningDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = True,
         seed: int = 42,
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
     ) -> None:
         super().__init__()
         d = "data.init_args."
@@ -69,6 +84,14 @@ class ImageDataModule(pl.LightningDataModule):
         check_arg(val_split >= 0 and (isinstance(val_split, int) or val_split < 1), d + "val_split", val_split,
                   "a count >= 0 or a fraction in [0, 1)", "Hold out 5000 images or 0.1 of them; 0 validates on test.")
         check_arg(num_workers >= 0, d + "num_workers", num_workers, ">= 0", "0 loads in the main process.")
+        channels = self.image_shape[0]
+        sizes = f"1 value (for every channel) or {channels} (one per channel)" if channels > 1 else "1 value"
+        for key, value in (("mean", mean), ("std", std)):
+            check_arg(value is None or len(value) in (1, channels), d + key, value,
+                      f"null (the data set's statistics) or {sizes} for {channels}-channel images")
+        check_arg(std is None or min(std) > 0, d + "std", std, "> 0 per channel (or null)")
+        self.mean = self._per_channel(self.mean if mean is None else mean)  # instance value over class default
+        self.std = self._per_channel(self.std if std is None else std)
         self.data_dir = Path(data_dir).expanduser()
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -82,6 +105,11 @@ class ImageDataModule(pl.LightningDataModule):
         self.val_dataset: Dataset | None = None
         self.test_datasets: dict[str, Dataset] = {}
         self._train_position: dict | None = None  # restored from a checkpoint, applied to the next train loader
+
+    def _per_channel(self, values) -> tuple[float, ...]:
+        """``values`` as a tuple with one float per image channel (a single value is repeated)."""
+        values = tuple(float(v) for v in values)
+        return values * self.image_shape[0] if len(values) == 1 else values
 
     # -- to implement --------------------------------------------------------------
     def train_set(self, transform: Callable) -> Dataset:

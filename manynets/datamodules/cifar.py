@@ -40,8 +40,6 @@ class CIFAR10DataModule(ImageDataModule):
     Args:
         download: download and extract the official archive in ``prepare_data`` when the files
             are missing or corrupt (needs internet). Never downloads otherwise.
-        mean, std: per-channel normalisation; ``None`` uses the data set's statistics (MixMo and
-            the subspaces paper use other values; their configs set them here).
         label_noise: fraction of training samples relabelled uniformly at random (see module doc).
         label_noise_seed: seed of the relabelling (independent of ``seed``, the train/val split).
         resolution: resize every image to this side (bilinear, antialiased) after the augmentation,
@@ -60,41 +58,19 @@ class CIFAR10DataModule(ImageDataModule):
 
     def __init__(
         self,
-        data_dir: str | Path = "data",
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        val_split: int | float = 5000,
-        augment: bool = True,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        persistent_workers: bool = True,
-        seed: int = 42,
+        *,
         download: bool = False,
-        mean: tuple[float, float, float] | None = None,
-        std: tuple[float, float, float] | None = None,
         label_noise: float = 0.0,
         label_noise_seed: int = 0,
         resolution: int | None = None,
+        **kwargs,
     ) -> None:
-        super().__init__(
-            data_dir=data_dir,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            val_split=val_split,
-            augment=augment,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            seed=seed,
-        )
+        super().__init__(**kwargs)
         d = "data.init_args."
         check_arg(0.0 <= label_noise <= 1.0, d + "label_noise", label_noise, "a fraction of the training set in [0, 1]",
                   "A fraction: 0.2, not 20.")
-        check_arg(std is None or min(std) > 0, d + "std", std, "> 0 per channel (or null)")
         check_arg(resolution is None or resolution >= 1, d + "resolution", resolution, "null or an image side >= 1 px")
         self.download = download
-        self.mean = tuple(mean) if mean is not None else type(self).mean
-        self.std = tuple(std) if std is not None else type(self).std
         self.label_noise = label_noise
         self.label_noise_seed = label_noise_seed
         self.resolution = resolution

@@ -47,9 +47,10 @@ class CIFARCorruptionsDataModule(ImageDataModule):
         variant: ``"cifar10"`` (CIFAR-10-C) or ``"cifar100"`` (CIFAR-100-C).
         corruptions: corruption names, in test-set order (``None``: all 19, see ``CORRUPTIONS``).
         severities: severities in 1..5, in test-set order.
-        download, mean, std: as in :class:`~manynets.datamodules.cifar.CIFAR10DataModule` (the
-            download is of clean CIFAR only; the corrupted sets must be copied by hand).
-        Other arguments: see :class:`~manynets.datamodules.base.ImageDataModule`.
+        download: as in :class:`~manynets.datamodules.cifar.CIFAR10DataModule` (the download is of
+            clean CIFAR only; the corrupted sets must be copied by hand).
+        Other arguments: see :class:`~manynets.datamodules.base.ImageDataModule`; they go to the clean
+            CIFAR module too, whose statistics ``mean``/``std`` default to those of ``variant``.
 
     The corruption files are checked at ``setup`` of any stage, so a missing file fails before training.
     """
@@ -61,33 +62,14 @@ class CIFARCorruptionsDataModule(ImageDataModule):
         variant: Literal["cifar10", "cifar100"] = "cifar10",
         corruptions: list[str] | None = None,
         severities: list[int] = [1, 2, 3, 4, 5],  # noqa: B006 (never mutated; shown as-is in the CLI help)
-        data_dir: str | Path = "data",
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        val_split: int | float = 5000,
-        augment: bool = True,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        persistent_workers: bool = True,
-        seed: int = 42,
         download: bool = False,
-        mean: tuple[float, float, float] | None = None,
-        std: tuple[float, float, float] | None = None,
+        **kwargs,
     ) -> None:
-        base = dict(
-            data_dir=data_dir,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            val_split=val_split,
-            augment=augment,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            seed=seed,
-        )
-        super().__init__(**base)
         d = "data.init_args."
         check_arg(variant in SOURCES, d + "variant", variant, "'cifar10' or 'cifar100'")
+        self.clean = (CIFAR10DataModule if variant == "cifar10" else CIFAR100DataModule)(download=download, **kwargs)
+        self.num_classes, self.mean, self.std = self.clean.num_classes, self.clean.mean, self.clean.std  # for the base
+        super().__init__(**kwargs)
         corruptions = list(CORRUPTIONS if corruptions is None else corruptions)
         unknown = [c for c in corruptions if c not in CORRUPTIONS]
         check_arg(not unknown and bool(corruptions) and len(set(corruptions)) == len(corruptions), d + "corruptions",
@@ -97,9 +79,6 @@ class CIFARCorruptionsDataModule(ImageDataModule):
         check_arg(bool(severities) and distinct and set(severities) <= {1, 2, 3, 4, 5}, d + "severities", severities,
                   "distinct values out of 1..5")
         self.variant, self.corruptions, self.severities = variant, corruptions, list(severities)
-        clean_cls = CIFAR10DataModule if variant == "cifar10" else CIFAR100DataModule
-        self.clean = clean_cls(**base, download=download, mean=mean, std=std)
-        self.num_classes, self.mean, self.std = self.clean.num_classes, self.clean.mean, self.clean.std
         self._arrays: tuple[dict[str, torch.Tensor], torch.Tensor] | None = None
 
     @property

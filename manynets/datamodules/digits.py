@@ -26,13 +26,17 @@ class DigitsDataModule(ImageDataModule):
         channels: 1 (grey) or 3 (grey replicated, for backbones with an RGB stem).
         test_size: images held out as the test set (fixed split, ``split_seed``).
         split_seed: seed of the test split (kept apart from ``seed``, the train/val split).
-        augment: random crop with padding 4; no horizontal flip (digits are not mirror-symmetric).
-        Other arguments: see :class:`ImageDataModule`.
+        batch_size: training batch size (per process under DDP); smaller default than the base's.
+        eval_batch_size: batch size for validation and test (``null``: ``batch_size``).
+        val_split: number (int) or fraction (0 < x < 1) of the training images held out for
+            validation, drawn with ``seed``; ``0`` validates on the test set (warns).
+        Other arguments: see :class:`ImageDataModule`; ``augment`` is a random crop with padding 4
+            and no horizontal flip (digits are not mirror-symmetric).
     """
 
     num_classes = 10
     horizontal_flip = False
-    _MEAN, _STD = 0.3052, 0.3236  # of the resized images at 32 px, all 1797
+    mean, std = (0.3052,), (0.3236,)  # of the resized images at 32 px, all 1797; the same for every channel
 
     def __init__(
         self,
@@ -40,34 +44,18 @@ class DigitsDataModule(ImageDataModule):
         channels: int = 3,
         test_size: int = 360,
         split_seed: int = 0,
-        data_dir: str = "data",
         batch_size: int = 64,
         eval_batch_size: int | None = 256,
         val_split: int | float = 180,
-        augment: bool = True,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        persistent_workers: bool = True,
-        seed: int = 42,
+        **kwargs,
     ) -> None:
-        super().__init__(
-            data_dir=data_dir,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            val_split=val_split,
-            augment=augment,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            seed=seed,
-        )
         d = "data.init_args."
         check_arg(channels in (1, 3), d + "channels", channels, "1 (grey) or 3 (grey replicated)")
         check_arg(size >= 1, d + "size", size, "an image side >= 1 px", "The digits are 8 x 8; 32 by default.")
         check_arg(1 <= test_size < 1797, d + "test_size", test_size, "1..1796 of the 1797 images", "360 by default.")
         self.size, self.channels, self.test_size, self.split_seed = size, channels, test_size, split_seed
-        self.image_shape = (channels, size, size)
-        self.mean, self.std = (self._MEAN,) * channels, (self._STD,) * channels
+        self.image_shape = (channels, size, size)  # before the base, which gives mean/std one value per channel
+        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, val_split=val_split, **kwargs)
         self._images: torch.Tensor | None = None
 
     def _load(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -106,7 +106,6 @@ class ImageNet32DataModule(ImageDataModule):
     Args:
         num_classes_subset: keep only this many classes, drawn with ``subset_seed`` (``None``: all 1000).
         subset_seed: seed of the class draw.
-        mean, std: per-channel normalisation; ``None`` uses the ImageNet statistics.
         Other arguments: see :class:`~manynets.datamodules.base.ImageDataModule`.
 
     All 1000 classes take about 3.9 GB of memory (1,281,167 x 3072 bytes), 250 classes about a quarter.
@@ -114,42 +113,13 @@ class ImageNet32DataModule(ImageDataModule):
 
     num_classes = 1000
     image_shape = (3, 32, 32)
-    mean = (0.485, 0.456, 0.406)
+    mean = (0.485, 0.456, 0.406)  # the ImageNet statistics
     std = (0.229, 0.224, 0.225)
 
-    def __init__(
-        self,
-        data_dir: str | Path = "data",
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        val_split: int | float = 5000,
-        augment: bool = True,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        persistent_workers: bool = True,
-        seed: int = 42,
-        num_classes_subset: int | None = None,
-        subset_seed: int = 0,
-        mean: tuple[float, float, float] | None = None,
-        std: tuple[float, float, float] | None = None,
-    ) -> None:
-        super().__init__(
-            data_dir=data_dir,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            val_split=val_split,
-            augment=augment,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            seed=seed,
-        )
-        d = "data.init_args."
-        check_arg(std is None or min(std) > 0, d + "std", std, "> 0 per channel (or null)")
-        check_arg(num_classes_subset is None or 1 <= num_classes_subset <= 1000, d + "num_classes_subset",
+    def __init__(self, *, num_classes_subset: int | None = None, subset_seed: int = 0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        check_arg(num_classes_subset is None or 1 <= num_classes_subset <= 1000, "data.init_args.num_classes_subset",
                   num_classes_subset, "null (all 1000 classes) or 1..1000", "The transfer protocol uses 250.")
-        self.mean = tuple(mean) if mean is not None else type(self).mean
-        self.std = tuple(std) if std is not None else type(self).std
         self.num_classes_subset, self.subset_seed = num_classes_subset, subset_seed
         self.class_subset: list[int] | None = None
         self._lut = np.arange(1000)  # original 0-based class -> new label, -1 = dropped

@@ -13,6 +13,11 @@ its keys, ``sum_j x_(j mod n) (*) k_j = sum_i x_i (*) (sum_(j = i mod n) k_j)``
 - :class:`LearnedUnbinding`: after global pooling, Linear(D, N·D) + ReLU, then the r copies of
   each image are averaged (spec §1.1 step 7). MIMOConv never unbinds by correlation.
 - :func:`bind_regularization`: R_bind, pushes the HRR keys to be orthonormal (spec §1.3).
+
+Every binding takes the stem output of a group either as maps (G, n, C, H, W) (convolutional stems, the
+paper's case: the binding acts on the channels of every pixel) or as vectors (G, n, C) (a stem that
+ends in a Linear layer, e.g. an MLP: HRR is the circular convolution of the C features with the key,
+MBAT a C x C matrix per slot). A vector is the map case with H = W = 1.
 """
 
 from __future__ import annotations
@@ -53,12 +58,13 @@ def repeated_slot_sum(per_slot: Tensor, n: int) -> Tensor:
 
 
 def bundle(bound: Tensor) -> Tensor:
-    """Bundling: the sum of the bound slots, (G, N, C, H, W) -> (G, C, H, W)."""
+    """Bundling: the sum of the bound slots, (G, N, C, H, W) -> (G, C, H, W) or (G, N, C) -> (G, C)."""
     return bound.sum(1)
 
 
 class _Binding(nn.Module):
-    """Binds n images of each group into one superposed map: (G, n, C, H, W) -> (G, C, H, W)."""
+    """Binds n images of each group into one superposed input of the body:
+    maps (G, n, C, H, W) -> (G, C, H, W), or vectors (G, n, C) -> (G, C)."""
 
     def __init__(self, num_slots: int, channels: int) -> None:
         super().__init__()
@@ -67,9 +73,10 @@ class _Binding(nn.Module):
         self.num_slots, self.channels = num_slots, channels
 
     def _check(self, x: Tensor) -> int:
-        if x.dim() != 5 or x.shape[2] != self.channels:
+        if x.dim() not in (3, 5) or x.shape[2] != self.channels:
             raise ValueError(
-                f"{type(self).__name__} expects (groups, n, {self.channels}, H, W), got {tuple(x.shape)}."
+                f"{type(self).__name__} expects maps (groups, n, {self.channels}, H, W) or vectors "
+                f"(groups, n, {self.channels}), got {tuple(x.shape)}."
             )
         return check_slots(x.shape[1], self.num_slots)
 
@@ -88,7 +95,8 @@ class SumBinding(_Binding):
 
 
 class HRRBinding(_Binding):
-    """HRR binding: slot j is circularly convolved along channels with key k_j at every pixel.
+    """HRR binding: slot j is circularly convolved along channels with key k_j at every pixel (or, for
+    vector features, along the feature axis).
 
     Keys (N, C) are in convolution form (``out = x (*) k``); the official Conv1d weight is
     ``key_to_conv1d_weight(keys)``. Init U(±1/sqrt(C)), PyTorch's Conv1d default that the official
@@ -122,7 +130,7 @@ class MBATBinding(_Binding):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check(x)
-        return torch.einsum("gnchw,ndc->gdhw", x, repeated_slot_sum(self.weight, x.shape[1]).to(x.dtype))
+        return torch.einsum("gnc...,ndc->gd...", x, repeated_slot_sum(self.weight, x.shape[1]).to(x.dtype))
 
 
 class LearnedUnbinding(nn.Module):

@@ -20,7 +20,10 @@ the next layer, so every layer outputs a preactivation.
 fp32 (it accumulates ``-lr`` and weight-decay factors; fp16 "eventually incurs large errors").
 ``layernorm=True`` uses ``s := 1`` inside the layer (official option, not used in the paper).
 The state lives in over-allocated storage that grows by ``GROWTH`` so an append does not copy the
-whole state; checkpoints hold exactly M rows and loading resizes the layer first.
+whole state; checkpoints hold exactly M rows and loading resizes the layer first;
+:func:`estimate_memory` predicts the state of a whole π-MLP after training (spec §1.9).
+``reset_parameters`` re-draws a layer's initial state (an infinite layer drops its appended rows).
+The π-MLP built from these layers is :class:`manynets.networks.PiMLP`.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import torch
 from torch import nn
 
 from manynets.cuda_ops.pi_kernel import DEFAULT_CHUNK, pi_backward, pi_forward
-from manynets.layers.pi_math import ab_norm, j1, phi, phi_prime, psi_numerator  # noqa: F401 (re-exported)
+from manynets.layers.pi_math import ab_norm
 
 StateDtype = Literal["float32", "bfloat16", "float16"]
 STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -84,10 +87,19 @@ class PiInputLayer(nn.Module):
         super().__init__()
         if d_in < 1 or r < 1:
             raise ValueError(f"PiInputLayer d_in={d_in}, r={r}; expected both >= 1.")
-        A1 = torch.randn(d_in, r, generator=generator)
-        self.A1 = nn.Parameter(A1 / A1.norm(dim=0, keepdim=True))
-        self.bias = nn.Parameter(torch.zeros(r))
+        self.A1 = nn.Parameter(torch.empty(d_in, r))
+        self.bias = nn.Parameter(torch.empty(r))
         self.alpha, self.bias_alpha = alpha, bias_alpha
+        self.reset_parameters(generator)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        A1 = torch.randn(self.A1.shape, generator=generator)
+        self.A1.copy_(A1 / A1.norm(dim=0, keepdim=True))
+        self.bias.zero_()
+
+    def extra_repr(self) -> str:
+        return f"d_in={self.A1.shape[0]}, r={self.A1.shape[1]}, alpha={self.alpha}, bias_alpha={self.bias_alpha}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.alpha * (x @ self.A1 + self.bias_alpha * self.bias)
@@ -100,6 +112,7 @@ class InfPiLayer(nn.Module):
         r_in, r_out: coefficient dimensions of input and output (r, or d_out for the readout).
         zero_init: A = 0 (the readout of ``pilimit_lib``: output 0 at init); else A ~ N(0, a_std^2).
         a_std: init std of A; default r_in^-1/2 (hidden layers; ``pilimit_orig``'s readout uses 1/r).
+        alpha: output multiplier (the readout's alpha_{L+1}; 1 for hidden layers).
         bias_alpha: beta, the bias multiplier.
         layernorm: ``s := 1`` inside the layer (spec §1.3).
         state_dtype: dtype of A and B.
@@ -107,28 +120,52 @@ class InfPiLayer(nn.Module):
     """
 
     def __init__(self, r_in: int, r_out: int, *, zero_init: bool = False, a_std: float | None = None,
-                 bias_alpha: float = 1.0, layernorm: bool = False, state_dtype: StateDtype = "float32",
-                 chunk_size: int = DEFAULT_CHUNK, generator: torch.Generator | None = None) -> None:  # fmt: skip
+                 alpha: float = 1.0, bias_alpha: float = 1.0, layernorm: bool = False,
+                 state_dtype: StateDtype = "float32", chunk_size: int = DEFAULT_CHUNK,
+                 generator: torch.Generator | None = None) -> None:  # fmt: skip
         super().__init__()
         if r_in < 1 or r_out < 1:
             raise ValueError(f"InfPiLayer r_in={r_in}, r_out={r_out}; expected both >= 1.")
         if chunk_size < 1:
             raise ValueError(f"chunk_size={chunk_size}; expected >= 1 rows.")
         dtype = to_state_dtype(state_dtype)
-        B = torch.randn(r_in, r_in, generator=generator)
-        B = B / B.norm(dim=1, keepdim=True)
-        std = r_in**-0.5 if a_std is None else a_std
-        A = torch.zeros(r_in, r_out) if zero_init else torch.randn(r_in, r_out, generator=generator) * std
-        self.A = nn.Parameter(A.to(dtype), requires_grad=False)
-        self.B = nn.Parameter(B.to(dtype), requires_grad=False)
-        self.Amult = nn.Parameter(torch.ones(r_in), requires_grad=False)
-        self.Amult.pi_layer = weakref.ref(self)  # PiSGD finds the layer through its Amult
-        self.bias = nn.Parameter(torch.zeros(r_out))
-        self.r_in, self.r_out, self.bias_alpha = r_in, r_out, bias_alpha
+        self.A = nn.Parameter(torch.empty(r_in, r_out, dtype=dtype), requires_grad=False)
+        self.B = nn.Parameter(torch.empty(r_in, r_in, dtype=dtype), requires_grad=False)
+        self.Amult = nn.Parameter(torch.empty(r_in), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(r_out))
+        self.r_in, self.r_out, self.alpha, self.bias_alpha = r_in, r_out, alpha, bias_alpha
+        self.zero_init, self.a_std = zero_init, r_in**-0.5 if a_std is None else a_std
         self.layernorm, self.chunk_size = layernorm, chunk_size
         self._stores: dict[str, torch.Tensor] = {}
         self._pi_a: torch.Tensor | None = None
         self._pi_b: torch.Tensor | None = None
+        self._link()
+        self.reset_parameters(generator)
+
+    def _link(self) -> None:
+        self.Amult.pi_layer = weakref.ref(self)  # PiSGD finds the layer through its Amult
+
+    def __setstate__(self, state) -> None:  # copy.deepcopy and pickling: the copy's Amult points to the copy
+        super().__setstate__(state)
+        self._stores = {}
+        self._link()
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """The initial state (M = r_in rows): B ~ N(0, 1) with unit rows, A ~ N(0, a_std^2) or 0, Amult = 1,
+        bias 0 (spec §1.2); rows appended by training are dropped."""
+        B = torch.randn(self.r_in, self.r_in, generator=generator)
+        B = B / B.norm(dim=1, keepdim=True)
+        if self.zero_init:
+            A = torch.zeros(self.r_in, self.r_out)
+        else:
+            A = torch.randn(self.r_in, self.r_out, generator=generator) * self.a_std
+        for name, value in (("A", A), ("B", B), ("Amult", torch.ones(self.r_in))):
+            param = getattr(self, name)
+            param.data = value.to(param.device, param.dtype)
+        self._stores = {}
+        self.bias.zero_()
+        self.zero_pi_grads()
 
     @property
     def num_rows(self) -> int:
@@ -136,7 +173,8 @@ class InfPiLayer(nn.Module):
         return self.A.shape[0]
 
     def extra_repr(self) -> str:
-        return f"r_in={self.r_in}, r_out={self.r_out}, M={self.num_rows}, dtype={self.A.dtype}, layernorm={self.layernorm}"
+        return (f"r_in={self.r_in}, r_out={self.r_out}, M={self.num_rows}, dtype={self.A.dtype}, "
+                f"alpha={self.alpha}, layernorm={self.layernorm}")  # fmt: skip
 
     def forward(self, g: torch.Tensor) -> torch.Tensor:
         if g.dim() != 2 or g.shape[1] != self.r_in:
@@ -148,7 +186,8 @@ class InfPiLayer(nn.Module):
         else:
             pi_a = pi_b = g.new_zeros(())
         out = PiLinearFunction.apply(g, pi_a, pi_b, self.A, self.B, self.Amult, self.layernorm, self.chunk_size)
-        return out + self.bias_alpha * self.bias
+        out = out + self.bias_alpha * self.bias
+        return out if self.alpha == 1.0 else self.alpha * out
 
     # -- pi-gradients --------------------------------------------------------------
     def pi_grads(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -230,3 +269,21 @@ def pi_layer_rows(state_dict: dict, prefix: str = "") -> dict[str, int]:
     """{layer prefix: M} for every π-layer state in a state dict (keys ending in ``.Amult``)."""
     return {k[: -len("Amult")]: v.shape[0] for k, v in state_dict.items() if k.startswith(prefix) and k.endswith(".Amult")}
 
+
+def estimate_memory(d_in: int, d_out: int, r: int, depth: int, batch_size: int, steps: int,
+                    state_dtype: StateDtype = "float32", chunk_size: int = DEFAULT_CHUNK) -> dict[str, float]:  # fmt: skip
+    """Final state size and peak training memory of an infinite π-MLP after ``steps`` steps of ``batch_size``
+    (spec §1.9): an input layer d_in -> r, ``depth - 1`` hidden layers r -> r and a readout r -> d_out.
+
+    Each infinite layer ends with M = r + batch_size * steps rows of A (r_out), B (r) in ``state_dtype``
+    and Amult in fp32. The storage is over-allocated by up to ``GROWTH`` (1.5) so appends are amortised,
+    and growing one layer briefly holds its old and new storage; the kernel adds a few (batch x chunk)
+    fp32 matrices. Returns ``rows`` (M), ``state`` (bytes of a checkpoint's tensors) and ``peak``
+    (upper bound of the bytes held during training, excluding activations of the input layer).
+    """
+    item = to_state_dtype(state_dtype).itemsize
+    m = r + batch_size * steps
+    layers = [m * (r_out + r) * item + 4 * m + 4 * r_out for r_out in [r] * (depth - 1) + [d_out]]
+    state = sum(layers) + 4 * (d_in * r + r)
+    work = 6 * 4 * batch_size * min(chunk_size, m)
+    return {"rows": m, "state": state, "peak": GROWTH * sum(layers) + max(layers) + 4 * (d_in * r + r) + work}

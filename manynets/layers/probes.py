@@ -11,12 +11,11 @@ scikit-learn's objective divided by N, ``mean CE + ||W||^2 / (2 C N)`` (bias not
 features standardised with running statistics (a BatchNorm without affine parameters and a cumulative
 average, i.e. scikit-learn's ``StandardScaler``): at evaluation it is one affine map, hence a linear
 probe. :func:`sklearn_probe_accuracies` is the reference: ``StandardScaler`` + ``LogisticRegression``
-on extracted features (PHD-LAB uses ``solver='saga'`` with ``max_iter=100`` on unscaled features).
+on extracted features (PHD-LAB uses ``solver='saga'`` with ``max_iter=100`` on unscaled features;
+the extraction pass over the data is :func:`manynets.analysis.probes.extract_features`).
 """
 
 from __future__ import annotations
-
-from typing import Iterable
 
 import numpy as np
 import torch
@@ -144,51 +143,6 @@ class ProbeAccuracy(Metric):
 
     def compute(self) -> torch.Tensor:
         return self.correct / self.total.clamp_min(1)
-
-
-class FeatureHooks:
-    """Forward hooks that store the outputs of named modules of one forward pass in ``self.outputs``."""
-
-    def __init__(self, modules: dict[str, nn.Module]) -> None:
-        self.outputs: dict[str, torch.Tensor] = {}
-        self.handles = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
-
-    def _hook(self, name: str):
-        def hook(module, inputs, output):
-            self.outputs[name] = output.detach()
-
-        return hook
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-
-
-@torch.no_grad()
-def extract_features(
-    network: nn.Module,
-    modules: dict[str, nn.Module],
-    loader: Iterable,
-    pool_size: int | None = 4,
-    device: torch.device | str = "cpu",
-) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Pooled features (N, F) of every named module and the labels, over ``loader`` (eval mode, in memory)."""
-    hooks = FeatureHooks(modules)
-    feats: dict[str, list[np.ndarray]] = {n: [] for n in modules}
-    labels = []
-    was_training = network.training
-    network.eval()
-    try:
-        for images, y in loader:
-            network(images.to(device))
-            for name in modules:
-                feats[name].append(probe_features(hooks.outputs[name], pool_size)[:, 0].float().cpu().numpy())
-            labels.append(y.numpy())
-    finally:
-        hooks.remove()
-        network.train(was_training)
-    return {n: np.concatenate(v) for n, v in feats.items()}, np.concatenate(labels)
 
 
 def sklearn_probe_accuracies(

@@ -3,13 +3,8 @@
 Wortsman et al., "Learning Neural Network Subspaces", ICML 2021 (official ``apple/learning-subspaces``,
 ``models/modules.py``). A subspace layer holds S parameter sets θ₀ (``weight``/``bias``, the
 original names, so set 0 loads a plain network's state dict), θ₁ (``weight1``/``bias1``), θ₂, ...
-and computes with the point θ = Σ_s c_s θ_s, where the coefficients c come from
-:func:`subspace_coefficients`:
-
-- line (S = 2):    θ(α) = (1−α)θ₀ + αθ₁
-- curve (S = 3):   θ(α) = (1−α)²θ₀ + α²θ₁ + 2α(1−α)θ₂   (θ₁ = ``weight1`` the far endpoint,
-  θ₂ = ``weight2`` the control point, as in the official code)
-- simplex (S = k, 2 ≤ k ≤ 9): θ(t) = Σ_i t_i θ_i with t ≥ 0, Σ t = 1 (barycentric, t₀ = 1 − Σ_{i≥1} t_i)
+and computes with the point θ = Σ_s c_s θ_s, where the coefficients c of a line, a quadratic
+Bezier curve or a simplex come from :mod:`manynets.layers.subspace_points` (re-exported here).
 
 BatchNorm interpolates γ and β but keeps ONE shared ``running_mean``/``running_var`` for the whole
 subspace (official behaviour); statistics of a given point are recomputed with
@@ -26,75 +21,23 @@ does not, and :func:`manynets.layers.subspace_bn.check_packed` detects it.
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
-from typing import Iterable, Literal
+from typing import Callable, Iterable, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-Kind = Literal["line", "curve", "simplex"]
-KINDS = ("line", "curve", "simplex")
-
-
-def num_parameter_sets(kind: str, num_vertices: int | None = None) -> int:
-    """S: 2 for a line, 3 for a curve (two endpoints + control point), k for a k-vertex simplex."""
-    if kind == "line":
-        return 2
-    if kind == "curve":
-        return 3
-    if kind == "simplex":
-        if num_vertices is None or not 2 <= int(num_vertices) <= 9:
-            raise ValueError(
-                f"simplex num_vertices={num_vertices}; expected an int in 2..9 (official SimplexConv2..9)."
-            )
-        return int(num_vertices)
-    raise ValueError(f"subspace kind={kind!r}; expected one of {KINDS}.")
-
-
-def subspace_coefficients(kind: str, point, num_vertices: int | None = None) -> torch.Tensor:
-    """Coefficients c (..., S) of the parameter sets at ``point`` (spec §3.1).
-
-    ``point``: α in [0, 1] (float or tensor (...)) for a line or curve; barycentric t (..., k) for a
-    simplex (non-negative, summing to 1). The curve's sets are ordered θ₀, θ₁ (far end), θ₂ (control).
-    """
-    if kind in ("line", "curve"):
-        a = torch.as_tensor(point, dtype=torch.float32)
-        if a.numel() and (a.min() < 0 or a.max() > 1):
-            raise ValueError(f"{kind} point alpha={point}; expected values in [0, 1].")
-        return _curve_coefficients(kind, a)
-    k = num_parameter_sets(kind, num_vertices)
-    t = torch.as_tensor(point, dtype=torch.float32)
-    if t.shape[-1:] != (k,):
-        raise ValueError(f"simplex point of shape {tuple(t.shape)}; expected (..., {k}) barycentric coordinates.")
-    if t.min() < -1e-6 or not torch.allclose(t.sum(-1), torch.ones(()), atol=1e-4):
-        raise ValueError(f"simplex point {point}; expected non-negative coordinates summing to 1.")
-    return t
-
-
-def _curve_coefficients(kind: str, a: torch.Tensor) -> torch.Tensor:
-    if kind == "line":
-        return torch.stack([1 - a, a], -1)
-    return torch.stack([(1 - a) ** 2, a**2, 2 * a * (1 - a)], -1)
-
-
-def midpoint(kind: str, num_vertices: int | None = None) -> torch.Tensor:
-    """Coefficients of the evaluation point: α = 0.5 (line, curve) or the centroid (simplex)."""
-    if kind == "simplex":
-        k = num_parameter_sets(kind, num_vertices)
-        return torch.full((k,), 1.0 / k)
-    return subspace_coefficients(kind, 0.5)
-
-
-def sample_coefficients(kind: str, num_vertices: int | None, n: int, device=None) -> torch.Tensor:
-    """n random points (spec §3.2): α ~ U[0, 1] (line, curve) or t ~ Dirichlet(1) (simplex); (n, S)."""
-    if kind == "simplex":
-        k = num_parameter_sets(kind, num_vertices)
-        e = torch.empty(n, k, device=device).exponential_()
-        return e / e.sum(-1, keepdim=True)
-    num_parameter_sets(kind, num_vertices)  # validates kind
-    return _curve_coefficients(kind, torch.rand(n, device=device))  # no check: no device sync per step
+from manynets.layers.subspace_points import (  # noqa: F401 (re-exported: the points of a subspace)
+    KINDS,
+    Kind,
+    midpoint,
+    num_parameter_sets,
+    sample_coefficients,
+    subspace_coefficients,
+)
 
 
 def _combine(sets: list[torch.Tensor], coefficients: torch.Tensor) -> torch.Tensor:
@@ -122,7 +65,8 @@ class SubspaceMixin:
             for s in range(1, num_sets):
                 self.register_parameter(f"{name}{s}", nn.Parameter(torch.empty_like(base)))
         ref = next((t for t in (*self.parameters(recurse=False), *self.buffers(recurse=False))), None)
-        start = torch.zeros(1, num_sets, device=None if ref is None else ref.device)
+        start = torch.zeros(1, num_sets, device=None if ref is None else ref.device,
+                            dtype=None if ref is None else ref.dtype)  # fmt: skip
         start[0, 0] = 1.0  # θ₀ until a point is set
         self.register_buffer("coefficients", start, persistent=False)
 
@@ -131,9 +75,11 @@ class SubspaceMixin:
         return [getattr(self, name)] + [getattr(self, f"{name}{s}") for s in range(1, self.num_sets)]
 
     def set_coefficients(self, coefficients: torch.Tensor) -> None:
-        """Set the point: coefficients (S,) or (P, S) for P points at once (packed mode)."""
+        """Set the point: coefficients (S,) or (P, S) for P points at once (packed mode), kept in the
+        parameters' dtype (float64 for a float64 model)."""
         c = torch.as_tensor(coefficients).reshape(-1, self.num_sets)
-        self.coefficients = c.to(device=self.coefficients.device, dtype=torch.float32)
+        ref = next(self.parameters(recurse=False), self.coefficients)
+        self.coefficients = c.to(device=self.coefficients.device, dtype=ref.dtype)
 
     @property
     def num_points(self) -> int:
@@ -283,8 +229,13 @@ def set_point(module: nn.Module, coefficients: torch.Tensor) -> None:
 
 
 # -- conversion of a backbone -------------------------------------------------------------
+Init = Callable[[nn.Module], nn.Module]
+"""Re-draws a module's parameters in place, e.g. a backbone's ``init_weights``."""
+
+
 def _convert(module: nn.Module, num_sets: int) -> nn.Module | None:
-    dd = {"device": module.weight.device if getattr(module, "weight", None) is not None else None}
+    weight = getattr(module, "weight", None)
+    dd = {"device": weight.device, "dtype": weight.dtype} if weight is not None else {}
     if type(module) is nn.Conv2d:
         new = SubspaceConv2d(
             module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
@@ -306,75 +257,67 @@ def _convert(module: nn.Module, num_sets: int) -> nn.Module | None:
     return new
 
 
-def _init_extra_sets(layer: SubspaceMixin, init: str) -> None:
-    """Independent init of θ₁..θ_{S-1} (spec §3.1): convs/Linear ``kaiming_normal_`` fan_in (official)
-    or PyTorch's default init of the layer type; BN γ = 1, β = 0; biases 0 (kaiming) or default."""
-    bn = isinstance(layer, _SubspaceBatchNorm)
+@torch.no_grad()
+def _init_extra_sets(layer: SubspaceMixin, original: nn.Module, init: str | Init) -> None:
+    """Independent init of θ₁..θ_{S-1} (spec §3.1). ``init`` callable: applied to a copy of the original
+    layer once per set (a backbone's own recipe, one layer at a time). ``kaiming_fan_in``: convs/Linear
+    ``kaiming_normal_`` fan_in (official), biases 0; ``default``: PyTorch's init of the layer type. BN
+    sets start at γ = 1, β = 0 unless a callable says otherwise."""
+    fresh = copy.deepcopy(original) if callable(init) else None
     for s in range(1, layer.num_sets):
-        w = getattr(layer, f"weight{s}", None)
-        b = getattr(layer, f"bias{s}", None)
-        with torch.no_grad():
-            if bn:
-                if w is not None:
-                    w.fill_(1.0)
-                if b is not None:
-                    b.zero_()
-            elif init == "kaiming_fan_in":
-                nn.init.kaiming_normal_(w, mode="fan_in", nonlinearity="relu")
-                if b is not None:
-                    b.zero_()
-            else:  # PyTorch default of Conv2d / Linear
-                nn.init.kaiming_uniform_(w, a=math.sqrt(5))
-                if b is not None:
-                    bound = 1 / math.sqrt(nn.init._calculate_fan_in_and_fan_out(w)[0])
-                    nn.init.uniform_(b, -bound, bound)
+        if fresh is not None:
+            init(fresh)
+            for name in layer._subspace_names:
+                getattr(layer, f"{name}{s}").copy_(getattr(fresh, name))
+            continue
+        w, b = getattr(layer, f"weight{s}", None), getattr(layer, f"bias{s}", None)
+        if isinstance(layer, _SubspaceBatchNorm):
+            if w is not None:
+                w.fill_(1.0)
+            if b is not None:
+                b.zero_()
+        elif init == "kaiming_fan_in":
+            nn.init.kaiming_normal_(w, mode="fan_in", nonlinearity="relu")
+            if b is not None:
+                b.zero_()
+        else:  # PyTorch default of Conv2d / Linear
+            nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+            if b is not None:
+                bound = 1 / math.sqrt(nn.init._calculate_fan_in_and_fan_out(w)[0])
+                nn.init.uniform_(b, -bound, bound)
 
 
 def to_subspace(
     network: nn.Module,
     kind: Kind = "line",
     num_vertices: int | None = None,
-    sources: list[nn.Module] | None = None,
-    init: Literal["kaiming_fan_in", "default"] = "kaiming_fan_in",
+    init: Literal["kaiming_fan_in", "default"] | Init = "kaiming_fan_in",
 ) -> nn.Module:
     """Turn every Conv2d, Linear and BatchNorm1d/2d of ``network`` (stem, body and head) into a
     subspace layer, in place; returns ``network``.
 
     Set 0 keeps the network's own parameters and buffers (so at α = 0 / vertex 0 it computes
-    exactly what it computed before). Sets 1..S-1 are initialised independently: copied from the
-    matching layers of ``sources`` (S−1 networks of the same architecture, e.g. other instances of
-    the backbone, which then carry the backbone's own init recipe), or else with ``init``.
+    exactly what it computed before). Sets 1..S-1 are initialised independently with ``init``: a
+    callable that re-draws a module in place (e.g. the backbone's ``init_weights``, applied to a copy
+    of each original layer, one layer at a time), ``kaiming_fan_in`` (the official init) or ``default``.
     Parameters of other module types (e.g. PReLU, LayerNorm) stay shared by the whole subspace; a
     warning names them.
     """
     num_sets = num_parameter_sets(kind, num_vertices)
     if any(isinstance(m, SubspaceMixin) for m in network.modules()):
         raise ValueError(f"{type(network).__name__} already has subspace layers; convert a plain network once.")
-    if sources is not None and len(sources) != num_sets - 1:
-        raise ValueError(f"to_subspace({kind!r}) needs {num_sets - 1} source networks for sets 1..{num_sets - 1}, "
-                         f"got {len(sources)}.")  # fmt: skip
-    source_modules = [dict(src.named_modules()) for src in sources or []]
+    if not callable(init) and init not in ("kaiming_fan_in", "default"):
+        raise ValueError(f"to_subspace init={init!r}; expected 'kaiming_fan_in', 'default' or a callable.")
     shared = []
     for parent_name, parent in list(network.named_modules()):
         for child_name, child in list(parent.named_children()):
             new = _convert(child, num_sets)
-            full = f"{parent_name}.{child_name}" if parent_name else child_name
             if new is None:
                 if not isinstance(child, SubspaceMixin) and any(True for _ in child.parameters(recurse=False)):
-                    shared.append(full)
+                    shared.append(f"{parent_name}.{child_name}" if parent_name else child_name)
                 continue
             setattr(parent, child_name, new)
-            if sources is None:
-                _init_extra_sets(new, init)
-                continue
-            for s, modules in enumerate(source_modules, start=1):
-                other = modules.get(full)
-                if type(other) is not type(child) or other.weight.shape != child.weight.shape:
-                    raise ValueError(f"to_subspace: source network {s} has no {type(child).__name__} '{full}' "
-                                     "of the same shape; pass networks built by the same backbone.")  # fmt: skip
-                with torch.no_grad():
-                    for name, _ in child.named_parameters(recurse=False):
-                        getattr(new, f"{name}{s}").copy_(getattr(other, name))
+            _init_extra_sets(new, child, init)
     if shared:
         warnings.warn(
             f"to_subspace: parameters of {', '.join(shared[:5])}{' ...' if len(shared) > 5 else ''} are not in "

@@ -126,8 +126,8 @@ def collect_bn_statistics(
     layers = _check_bns(network)
     p = coefficients.shape[0]
     device = _device(network)
-    buffers = {n: (torch.zeros(p * m.num_features, device=device), torch.ones(p * m.num_features, device=device))
-               for n, m in layers}  # fmt: skip
+    dd = {"device": device, "dtype": next(network.parameters()).dtype}
+    buffers = {n: (torch.zeros(p * m.num_features, **dd), torch.ones(p * m.num_features, **dd)) for n, m in layers}
     chunks = _chunks(p, chunk_size)
     counts = {(n, c): [0] for n, _ in layers for c in range(len(chunks))}
     was_training = network.training

@@ -1,28 +1,36 @@
-"""Shared base of every method: a backbone, the metrics, the optimisation and ensembles.
+"""Shared base of every method: a backbone, the metrics, one evaluation path and ensembles.
 
-Methods subclass :class:`ClassifierModule` and override two hooks:
+Methods subclass :class:`ClassifierModule` and override hooks (ARCHITECTURE.md, "The one idea"):
 
-- :meth:`training_loss` ``(images, labels) -> (loss, logits)``: the method's training
-  objective on one batch; ``logits`` (B, C) feed the train accuracy (a method may return the
-  first B' <= B rows only: superposition truncates training batches to whole groups).
-- :meth:`predict_logits` ``(images) -> logits``: evaluation logits, either (B, C) or
-  per-member (M, B, C). The ensemble prediction is the **mean of the member logits**
-  (as in MIMOConv, MixMo and subspaces); NLL, ECE and Brier are computed on its softmax.
-  There is one row for every image (:func:`check_scored`), so validation and test metrics cover
-  exactly the images of the set. Exception, Lightning's: under DDP its DistributedSampler repeats
-  up to (number of processes - 1) images so that every process gets as many; those are scored twice
-  (evaluate on one device for exact numbers).
+- :meth:`~ClassifierModule.training_loss` ``(images, labels) -> (loss, logits, labels_for_logits)``:
+  the method's training objective on one batch; ``logits`` (B', C) feed the train accuracy against
+  ``labels_for_logits`` (B',) (superposition's truncated labels, MixMo member 0's repeated labels).
+  The base :meth:`~ClassifierModule.training_step` is the only one (the π-net's manual step aside).
+- :meth:`~ClassifierModule.predict_logits` ``(images) -> logits``: the default prediction, either (B, C)
+  or per-member (M, B, C). The ensemble prediction is the **mean of the member logits** (as in
+  MIMOConv, MixMo and subspaces); NLL, ECE and Brier are computed on its softmax.
+- :meth:`~ClassifierModule.evaluation_logits` ``(images) -> {variant: logits}``: named evaluation
+  variants, ``""`` the default prediction (``predict_logits``); e.g. superposition's ``n1``, ``n2``,
+  MixMo's temperature-scaled ``ts``. The base validation and test steps score every variant.
+- :meth:`~ClassifierModule.update_test_extras` / :meth:`~ClassifierModule.extra_test_metrics`: a
+  method's own test metrics from the variants' logits, logged beside the shared ones.
+
+Every variant has one row for every image (:func:`check_scored`), so validation and test metrics
+cover exactly the images of the set. Exception, Lightning's: under DDP its DistributedSampler repeats
+up to (number of processes - 1) images so that every process gets as many; those are scored twice
+(evaluate on one device for exact numbers).
 
 Metric names are the same for all methods: ``{train,val,test}/{acc,nll,ece,brier}``
-(ECE: 15 equal-width bins on the max softmax probability; Brier: sum over classes,
-mean over samples). Ensembles add ``test/ens_disagreement`` and ``test/member{k}/acc``.
-With several named test sets (e.g. corruptions) every name gets the set's prefix,
-``test/{set}/acc``, and ``test/mean/...`` averages the sets other than ``clean``.
+(ECE: 15 equal-width bins on the max softmax probability; Brier: sum over classes, mean over
+samples) for the default variant; ``val/{variant}/...`` and ``test/{variant}/...`` for the others.
+Members add ``test/ens_disagreement`` and ``test/member{k}/acc`` (``test/{variant}/member{k}/acc``).
+With several named test sets (e.g. corruptions) every test name gets the set's prefix,
+``test/{set}/acc``, ``test/{set}/{variant}/acc``, and ``test/mean/...`` averages the sets other
+than ``clean``. Parameter groups, schedules and warm-up: :mod:`.optimization`.
 """
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from typing import Any, Callable, Iterable, Literal
 
@@ -31,37 +39,61 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from manynets import random_state
 from manynets.errors import CheckpointMismatchError, ConfigError, NonFiniteError, check_arg
+from manynets.lightning_modules.optimization import OptimizationMixin
+from manynets.lightning_modules.optimization import factory_target as _factory_target  # noqa: F401 (re-exported)
 from manynets.metrics import Disagreement, classification_metrics  # noqa: F401 (re-exported)
+from manynets.networks import Backbone
 
 BackboneFactory = Callable[[int, tuple[int, int, int]], nn.Module]
 """A backbone class with its options; called as ``backbone(num_classes, image_shape)``."""
 
-_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
-_STEP_SCHEDULERS = ("OneCycleLR", "CyclicLR")
 
-
-def check_scored(logits: torch.Tensor, labels: torch.Tensor) -> None:
+def check_scored(logits: torch.Tensor, labels: torch.Tensor, variant: str = "") -> None:
     """Raise unless evaluation logits (B, C) or (M, B, C) have one row for each of the B labelled images.
 
     Validation and test metrics cover exactly the images of the set: a method must not drop images of
     an evaluation batch (superposition pads its last partial group instead, see
     :meth:`~manynets.lightning_modules.SuperpositionModule.forward_superposed`).
     """
-    if logits.shape[-2] != labels.shape[0]:
+    if logits.dim() not in (2, 3) or logits.shape[-2] != labels.shape[0]:
         raise RuntimeError(
-            f"{logits.shape[-2]} rows of evaluation logits for a batch of {labels.shape[0]} images; "
-            "predict_logits must return one row per image so that every image of the set is scored."
+            f"{logits.shape[-2] if logits.dim() >= 2 else 0} rows of evaluation logits (variant {variant!r}, "
+            f"shape {tuple(logits.shape)}) for a batch of {labels.shape[0]} images; evaluation_logits must "
+            "return (B, C) or (M, B, C) for every variant so that every image of the set is scored."
         )
+
+
+def check_backbone(network: nn.Module, method: str) -> None:
+    """Raise a :class:`ConfigError` unless ``network`` is a :class:`manynets.networks.Backbone`."""
+    if not isinstance(network, Backbone):
+        kind = type(network)
+        raise ConfigError(
+            f"model.init_args.backbone = {kind.__module__}.{kind.__qualname__}: expected a "
+            f"manynets.networks.Backbone ({method} works at its seams stem -> body -> pool -> head). Use a "
+            "manynets.networks class (WideResNet, PreActResNet, ResNet, CifarResNet, VGG, MLP, ...) or make "
+            "the class subclass manynets.networks.Backbone (stem, body, pool, head, stem_channels, feature_dim)."
+        )
+
+
+_VARIANT = "v_"
+"""Prefix of a variant's submodule name (a variant may be called like a Module attribute: ``half``, ``to``)."""
+
+
+def _scores(num_classes: int) -> nn.ModuleDict:
+    """Test metrics of one variant of one test set: the ensemble's; for members (M, B, C) also each
+    member's accuracy and their disagreement (added at the first batch of members)."""
+    return nn.ModuleDict({"ensemble": classification_metrics(num_classes, ""), "members": nn.ModuleList()})
 
 
 NonFiniteLossError = NonFiniteError  # the name used before the errors module existed
 
 
-class ClassifierModule(pl.LightningModule):
+class ClassifierModule(OptimizationMixin, pl.LightningModule):
     """A plain classifier (the baseline every method is compared with) and the base of all methods.
 
     Args:
@@ -82,7 +114,8 @@ class ClassifierModule(pl.LightningModule):
 
     loads_own_weights = False
     """True for modules whose weights come from their own arguments (checkpoint ensembles, probes): the CLI
-    then evaluates them without ``--ckpt_path``."""
+    then evaluates them without ``--ckpt_path``. Their networks come from checkpoints at ``setup``
+    (trained by another module), so the backbone type is not checked here."""
 
     def __init__(
         self,
@@ -111,34 +144,53 @@ class ClassifierModule(pl.LightningModule):
         self.num_classes = num_classes
         self.image_shape = tuple(image_shape)
         self.network = backbone(num_classes, self.image_shape)
+        if not self.loads_own_weights:
+            check_backbone(self.network, type(self).__name__)
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_metrics = classification_metrics(num_classes, "val/")
-        self.test_metrics = nn.ModuleList()  # one collection per test set, built in on_test_start
+        self.val_metrics = classification_metrics(num_classes, "val/")  # variant ""
+        self.val_variant_metrics = nn.ModuleDict()  # the other variants, added at their first batch
+        self.test_metrics = nn.ModuleList()  # per test set: variant "" (_scores), built in on_test_start
+        self.test_variant_metrics = nn.ModuleList()  # per test set: {variant: _scores}
 
     # -- hooks for methods ---------------------------------------------------------
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.network(images)
 
-    def training_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cross-entropy of the backbone; returns (loss, logits)."""
+    def training_loss(
+        self, images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Cross-entropy of the backbone; returns (loss, logits, the labels of the logits' rows)."""
         logits = self(images)
-        return F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing), logits
+        return F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing), logits, labels
 
     def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
-        """Evaluation logits: (B, C), or (M, B, C) for an ensemble of M members, one row for every
+        """The default prediction: (B, C), or (M, B, C) for an ensemble of M members, one row for every
         one of the B images (evaluation scores every image of the set; see :func:`check_scored`)."""
         return self(images)
+
+    def evaluation_logits(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Named evaluation variants ``{variant: (B, C) or (M, B, C)}``; ``""`` is the default prediction
+        (equal to :meth:`predict_logits`, which ``predict_step`` uses). Names are path-free words
+        (``n2``, ``ts``): they become ``val/{variant}/...`` and ``test/{variant}/...``."""
+        return {"": self.predict_logits(images)}
+
+    def update_test_extras(self, dataloader_idx: int, variants: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
+        """A method's own test metrics of test set ``dataloader_idx``, updated from the variants' logits of the
+        batch that the base test step has just scored; reported by :meth:`extra_test_metrics`."""
+
+    def extra_test_metrics(self, index: int) -> dict[str, torch.Tensor]:
+        """A method's own test metrics of test set ``index``; logged beside the shared ones (and averaged
+        over the shifted sets as ``test/mean/...``)."""
+        return {}
 
     # -- training ------------------------------------------------------------------
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
-        loss, logits = self.training_loss(images, labels)
+        loss, logits, targets = self.training_loss(images, labels)
         self.check_finite(loss)
-        # A method may train on the first rows of the batch only (superposition truncates B to a multiple
-        # of n, as the official code); the train accuracy scores those rows. Evaluation scores every image.
-        self.train_acc(logits.detach(), labels[: logits.shape[0]])
+        self.train_acc(logits.detach(), targets)
         self.log("train/loss", loss.detach(), prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
@@ -156,17 +208,35 @@ class ClassifierModule(pl.LightningModule):
                 f"Checkpoints of finished epochs are kept (last: {ckpt})."
             )
 
-    # -- evaluation ----------------------------------------------------------------
+    # -- evaluation: every variant scores every image ----------------------------------
     def _ensemble(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.mean(0) if logits.dim() == 3 else logits
 
+    def _variants(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        variants = self.evaluation_logits(images)
+        if "" not in variants:
+            raise RuntimeError(f"{type(self).__name__}.evaluation_logits returned {list(variants)}: it must "
+                               "include the default prediction under the key ''.")
+        for name, logits in variants.items():
+            if name and ("." in name or "/" in name or not name.strip()):
+                raise RuntimeError(f"evaluation variant {name!r}: a name without '.' or '/' (e.g. 'n2', 'ts').")
+            check_scored(logits, labels, name)
+        return variants
+
     def validation_step(self, batch, batch_idx: int) -> None:
         images, labels = batch
-        logits = self._ensemble(self.predict_logits(images))
-        check_scored(logits, labels)
-        self.val_metrics.update(logits.float(), labels)
-        for name, metric in self.val_metrics.items():
-            self.log(name, metric, prog_bar=name == "val/acc")
+        for variant, logits in self._variants(images, labels).items():
+            attribute = "val_metrics"
+            if variant:
+                attribute = f"val_variant_metrics.{_VARIANT}{variant}"
+                if _VARIANT + variant not in self.val_variant_metrics:
+                    self.val_variant_metrics[_VARIANT + variant] = classification_metrics(
+                        self.num_classes, f"val/{variant}/").to(self.device)  # fmt: skip
+            collection: MetricCollection = self.get_submodule(attribute)
+            collection.update(self._ensemble(logits).float(), labels)
+            for key, metric in collection.items(keep_base=True):
+                name = collection.prefix + key
+                self.log(name, metric, prog_bar=name == "val/acc", metric_attribute=f"{attribute}.{key}")
 
     def on_test_start(self) -> None:
         names = list(getattr(self.trainer.datamodule, "test_set_names", None) or [])
@@ -174,43 +244,49 @@ class ClassifierModule(pl.LightningModule):
         if len(names) != num_loaders:
             names = ["test"] if num_loaders == 1 else [f"set{i}" for i in range(num_loaders)]
         self.test_set_names = names
-        self.test_metrics = nn.ModuleList(
-            [self._test_collection() for _ in names]
-        ).to(self.device)
-
-    def _test_collection(self) -> nn.ModuleDict:
-        return nn.ModuleDict(
-            {"ensemble": classification_metrics(self.num_classes, ""), "members": nn.ModuleList(),
-             "disagreement": Disagreement()}
-        )
+        self.test_metrics = nn.ModuleList([_scores(self.num_classes) for _ in names]).to(self.device)
+        self.test_variant_metrics = nn.ModuleList([nn.ModuleDict() for _ in names])
 
     def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         images, labels = batch
-        member_logits = self.predict_logits(images)
-        check_scored(member_logits, labels)
-        metrics = self.test_metrics[dataloader_idx]
-        metrics["ensemble"].update(self._ensemble(member_logits).float(), labels)
-        if member_logits.dim() == 3:
-            members = metrics["members"]
-            while len(members) < member_logits.shape[0]:
-                members.append(MulticlassAccuracy(self.num_classes, average="micro").to(self.device))
-            for member, logits in zip(members, member_logits):
-                member.update(logits, labels)
-            metrics["disagreement"].update(member_logits)
+        variants = self._variants(images, labels)
+        for variant, logits in variants.items():
+            scores = self._test_scores(dataloader_idx, variant)
+            scores["ensemble"].update(self._ensemble(logits).float(), labels)
+            if logits.dim() == 3:
+                members = scores["members"]
+                while len(members) < logits.shape[0]:
+                    members.append(MulticlassAccuracy(self.num_classes, average="micro").to(self.device))
+                if "disagreement" not in scores:
+                    scores["disagreement"] = Disagreement().to(self.device)
+                for member, member_logits in zip(members, logits):
+                    member.update(member_logits, labels)
+                scores["disagreement"].update(logits)
+        self.update_test_extras(dataloader_idx, variants, labels)
 
-    def extra_test_metrics(self, index: int) -> dict[str, torch.Tensor]:
-        """A method's own test metrics of test set ``index``; logged beside the shared ones (and averaged
-        over the shifted sets as ``test/mean/...``)."""
-        return {}
+    def _test_scores(self, index: int, variant: str) -> nn.ModuleDict:
+        if not variant:
+            return self.test_metrics[index]
+        per_set = self.test_variant_metrics[index]
+        if _VARIANT + variant not in per_set:
+            per_set[_VARIANT + variant] = _scores(self.num_classes).to(self.device)
+        return per_set[_VARIANT + variant]
+
+    @staticmethod
+    def _compute(scores: nn.ModuleDict, prefix: str = "") -> dict[str, torch.Tensor]:
+        values = {prefix + k: v for k, v in scores["ensemble"].compute().items()}
+        for k, member in enumerate(scores["members"]):
+            values[f"{prefix}member{k}/acc"] = member.compute()
+        if "disagreement" in scores:
+            values[f"{prefix}ens_disagreement"] = scores["disagreement"].compute()
+        return values
 
     def on_test_epoch_end(self) -> None:
         results: dict[str, dict[str, torch.Tensor]] = {}
-        for i, (name, metrics) in enumerate(zip(self.test_set_names, self.test_metrics)):
-            values = dict(metrics["ensemble"].compute())
-            for k, member in enumerate(metrics["members"]):
-                values[f"member{k}/acc"] = member.compute()
-            if len(metrics["members"]):
-                values["ens_disagreement"] = metrics["disagreement"].compute()
+        for i, name in enumerate(self.test_set_names):
+            values = self._compute(self.test_metrics[i])
+            for key, scores in self.test_variant_metrics[i].items():
+                values.update(self._compute(scores, f"{key.removeprefix(_VARIANT)}/"))
             values.update(self.extra_test_metrics(i))
             results[name] = values
         single = len(results) == 1
@@ -221,86 +297,15 @@ class ClassifierModule(pl.LightningModule):
         if not single and shifted:
             for key in shifted[0]:
                 self.log(f"test/mean/{key}", torch.stack([v[key] for v in shifted]).mean())
-        for metrics in self.test_metrics:
-            metrics["ensemble"].reset()
-            for member in metrics["members"]:
-                member.reset()
-            metrics["disagreement"].reset()
+        for scores in (*self.test_metrics, *(s for per_set in self.test_variant_metrics for s in per_set.values())):
+            for metric in scores.modules():
+                if isinstance(metric, Metric):
+                    metric.reset()
 
     def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        """Probabilities of the default variant (the softmax of the mean member logits)."""
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self._ensemble(self.predict_logits(images)).softmax(-1)
-
-    # -- optimisation --------------------------------------------------------------
-    def parameter_groups(self) -> list[dict[str, Any]]:
-        """Two groups: with weight decay, and without (per ``no_weight_decay``)."""
-        rules = self.hparams.no_weight_decay or []
-        decay, no_decay = [], []
-        for module_name, module in self.named_modules():
-            for name, param in module.named_parameters(recurse=False):
-                if not param.requires_grad:
-                    continue
-                full = f"{module_name}.{name}" if module_name else name
-                excluded = any(
-                    (rule == "norm" and isinstance(module, _NORM_TYPES))
-                    or (rule == "bias" and name == "bias")
-                    or rule == type(module).__name__
-                    or rule in full
-                    for rule in rules
-                )
-                (no_decay if excluded else decay).append(param)
-        groups = [{"params": decay}]
-        if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0})
-        return groups
-
-    def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.parameter_groups())
-        if self.scheduler_factory is None:
-            return optimizer
-        target = _factory_target(self.scheduler_factory)
-        interval = self.hparams.scheduler_interval or (
-            "step" if target is not None and target.__name__ in _STEP_SCHEDULERS else "epoch"
-        )
-        scheduler = self.scheduler_factory(optimizer, **self._scheduler_lengths(target, interval))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
-
-    def _scheduler_lengths(self, target: type | None, interval: str) -> dict[str, int]:
-        """Fill ``total_steps`` / ``T_max`` from the trainer when the config leaves them out."""
-        if target is None:
-            return {}
-        given = getattr(self.scheduler_factory, "keywords", {})
-        params = inspect.signature(target).parameters
-        length = self.trainer.estimated_stepping_batches if interval == "step" else self.trainer.max_epochs
-        extra = {}
-        for key in ("total_steps", "T_max"):
-            if key in params and given.get(key) is None:
-                if length is None or length < 0 or length == float("inf"):
-                    raise ConfigError(
-                        f"trainer.max_epochs = {self.trainer.max_epochs}: {target.__name__} needs a finite "
-                        f"length ({key}, in {interval}s). Set trainer.max_epochs (or trainer.max_steps) to a "
-                        f"positive number, or give model.init_args.lr_scheduler.init_args.{key}."
-                    )
-                extra[key] = int(length)
-        return extra
-
-    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
-        """Apply the linear warm-up factor to the scheduled learning rate for this step only."""
-        factor = 1.0
-        if self.hparams.warmup_steps and self.global_step < self.hparams.warmup_steps:
-            factor = (self.global_step + 1) / self.hparams.warmup_steps
-        elif self.hparams.warmup_epochs and epoch < self.hparams.warmup_epochs:
-            factor = (epoch + 1) / self.hparams.warmup_epochs
-        if factor == 1.0:
-            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        scheduled = [group["lr"] for group in optimizer.param_groups]
-        for group in optimizer.param_groups:
-            group["lr"] *= factor
-        try:
-            super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        finally:
-            for group, lr in zip(optimizer.param_groups, scheduled):
-                group["lr"] = lr
 
     # -- checkpoints ---------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -345,16 +350,6 @@ class ClassifierModule(pl.LightningModule):
 
 def _is_metric_state(key: str) -> bool:
     return "metrics" in key or key.startswith("train_acc")
-
-
-def _factory_target(factory: Callable) -> type | None:
-    """The class behind a jsonargparse class-callable (a functools.partial), if any."""
-    if inspect.isclass(factory):
-        return factory
-    for arg in (getattr(factory, "func", None), *getattr(factory, "args", ())):
-        if inspect.isclass(arg):
-            return arg
-    return None
 
 
 def ensemble_mean(member_logits: Iterable[torch.Tensor]) -> torch.Tensor:

@@ -16,33 +16,14 @@ are logged.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from manynets.analysis import load_network
 from manynets.errors import check_arg
 from manynets.lightning_modules.classifier import BackboneFactory, ClassifierModule
-
-
-def load_network_weights(network: nn.Module, path: str | Path, prefix: str = "network.") -> None:
-    """Load the ``network.*`` weights of a Lightning checkpoint (``weights_only``) into ``network``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"Ensemble member checkpoint '{path}' does not exist; train the members first "
-            "(see the config header) or fix model.init_args.checkpoints."
-        )
-    state = torch.load(path, map_location="cpu", weights_only=True).get("state_dict", {})
-    weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-    try:
-        network.load_state_dict(weights)
-    except RuntimeError as err:
-        raise ValueError(
-            f"Checkpoint '{path}' does not fit the backbone {type(network).__name__} of this config "
-            f"({str(err).splitlines()[0]}...). Use the backbone options the member was trained with."
-        ) from err
 
 
 class CheckpointEnsembleModule(ClassifierModule):
@@ -78,8 +59,8 @@ class CheckpointEnsembleModule(ClassifierModule):
             self.load_members()
 
     def load_members(self) -> None:
-        for member, path in zip(self.members, self.checkpoints):
-            load_network_weights(member, path)
+        for k, (member, path) in enumerate(zip(self.members, self.checkpoints)):
+            load_network(path, member, key=f"model.init_args.checkpoints[{k}]")
         self._loaded = True
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

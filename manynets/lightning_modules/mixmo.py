@@ -1,4 +1,4 @@
-"""MixMo: M encoders whose feature maps are mixed, one shared core network, M heads.
+"""MixMo: M encoders whose features are mixed, one shared core network, M heads.
 
 Ramé, Sun & Cord, "MixMo: Mixing Multiple Inputs for Multiple Outputs via Deep Subnetworks",
 ICCV 2021 (arXiv 2103.06132); official code ``alexrame/mixmo-pytorch``; spec
@@ -6,10 +6,14 @@ ICCV 2021 (arXiv 2103.06132); official code ``alexrame/mixmo-pytorch``; spec
 and :mod:`manynets.layers.temperature`; this module wires it to the backbone seams:
 
 * **Network** (spec §2.1): member k has its own ``stem`` and ``head`` (member 0 keeps the
-  backbone's; the others are copies re-drawn with the backbone's init recipe, :func:`reinit_member`);
-  ``body`` and ``pool`` are shared. Training:
+  backbone's; the others are copies re-drawn with the backbone's own recipe,
+  :meth:`~manynets.networks.Backbone.init_weights`); ``body`` and ``pool`` are shared. Training:
   ``h = M * sum_k m_k * f_k`` with ``f_k = stem_k(x_k)``. Inference: one image through every stem,
   ``h = sum_k stem_k(x)``; the ensemble prediction is the **mean of the member logits**.
+* **Feature maps or vectors**: stems may output maps (B, C, h, w) (masks (B, M, h, w)) or vectors
+  (B, C) (MLP-like backbones; masks (B, M, C)). Mixup mixes vectors linearly as maps; CutMix on
+  vectors cuts a contiguous block of features of length ``2 * floor(floor(C * lam) / 2)`` (the 1-D
+  case of the box rule, mean of the mask <= lam; :mod:`manynets.layers.mixing`).
 * **Batch repetition on the device** (spec §2.3): the data module yields ``n = data.batch_size``
   unique images; each step repeats them ``b = batch_repetitions`` times and gives each member its
   own permutation (``proba_input_repetition`` shares the first positions), so a step holds
@@ -22,9 +26,11 @@ and :mod:`manynets.layers.temperature`; this module wires it to the backbone sea
   reweighting, soft-target CE summed over members, optional explicit ``l2_reg * sum ||theta||^2``.
   MIMO = ``alpha: 0, cutmix_prob: 0, weight_root: 1``; Linear-MixMo = ``cutmix_prob: 0``; the
   single-network mixup / CutMix baselines = ``num_members: 1`` with ``msda``.
-* **Evaluation**: ``test/ratio_errors`` (diversity over member pairs) besides the base metrics;
-  temperature scaling (``test/ts/{acc,nll,ece,brier}`` and ``test/temperature``) fitted on the
-  validation split (default) or cross-fitted on test halves as the official ``--tempscale``.
+* **Evaluation** (the base class's path, :meth:`evaluation_logits`): the members' logits, plus at
+  test time the variant ``ts`` (ensemble logits / T, logged as ``test/ts/{acc,nll,ece,brier}``) with T
+  fitted on the validation split (default; ``test/temperature``), or the official ``--tempscale``
+  cross-fit on test halves (``temperature_scaling: test_halves``); ``test/ratio_errors`` (diversity
+  over member pairs) besides the base metrics.
   CIFAR-10-C/100-C: use :class:`~manynets.datamodules.CIFARCorruptionsDataModule` as ``data`` at test
   time; metrics come per corruption and severity (``test/{set}/...``) and averaged (``test/mean/...``).
 * **Model selection**: the CLI keeps the checkpoint with the best ``val/acc`` and the last one. The
@@ -41,53 +47,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from manynets.errors import ConfigError, check_arg
+from manynets.errors import check_arg
 from manynets.layers.mixing import (
     member_weights,
     mix_features,
+    mixing_method,
     mixmo_masks,
     msda as msda_mix,
     patch_probability,
     repetition_indices,
+    role_permutation,
     sample_ratios,
     soft_cross_entropy,
 )
 from manynets.layers.temperature import cross_fit_temperature, fit_temperature
-from manynets.lightning_modules.classifier import BackboneFactory, ClassifierModule, classification_metrics
-from manynets.metrics import RatioErrors
-from manynets.networks.preact_resnet import PreActResNet
-from manynets.networks.wide_resnet import he_trunc_normal_
-
-
-def reinit_member(module: nn.Module, init: str | None, network: nn.Module) -> nn.Module:
-    """Re-draw the parameters of a copied stem or head with the backbone's init recipe (in place).
-
-    ``init`` is the backbone's ``init`` option: ``mixmo`` (convs He fan_in truncated to ±2σ, σ/0.8796;
-    Linear the same for WideResNet and N(0, 0.01) for PreActResNet, biases 0; spec §2.1),
-    ``kaiming_fan_out`` / ``kaiming_fan_in`` (convs Kaiming normal; Linear: PyTorch default for
-    fan_out, Kaiming fan_in for fan_in). Norm layers go back to weight 1, bias 0. Any other module
-    with ``reset_parameters`` (and every backbone without an ``init`` option) gets PyTorch's default.
-    """
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d) and init in ("mixmo", "kaiming_fan_out", "kaiming_fan_in"):
-            if init == "mixmo":
-                he_trunc_normal_(m.weight)
-            else:
-                nn.init.kaiming_normal_(m.weight, mode=init[len("kaiming_"):], nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear) and init in ("mixmo", "kaiming_fan_in"):
-            if init == "mixmo" and isinstance(network, PreActResNet):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-            elif init == "mixmo":
-                he_trunc_normal_(m.weight)
-            else:
-                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif hasattr(m, "reset_parameters"):
-            m.reset_parameters()
-    return module
+from manynets.lightning_modules.classifier import BackboneFactory, ClassifierModule
+from manynets.metrics import RatioErrors, classification_metrics
 
 
 class MixMoModule(ClassifierModule):
@@ -142,19 +117,11 @@ class MixMoModule(ClassifierModule):
         check_arg(not kwargs.get("label_smoothing"), m + "label_smoothing", kwargs.get("label_smoothing"), "0",
                   "MixMo trains on soft mixed targets; set it to 0.")
         super().__init__(backbone, num_classes, image_shape, **kwargs)
-        for seam in ("stem", "body", "pool", "head"):
-            if not isinstance(getattr(self.network, seam, None), nn.Module):
-                raise ConfigError(
-                    f"model.init_args.backbone: MixMo needs a backbone with `stem`, `body`, `pool` and `head` "
-                    "modules; "
-                    f"{type(self.network).__name__} has no `{seam}`. Use a manynets.networks backbone."
-                )
         self.num_members = num_members
-        init = getattr(backbone, "keywords", {}).get("init")
         stems, heads = [self.network.stem], [self.network.head]
-        for _ in range(num_members - 1):
-            stems.append(reinit_member(copy.deepcopy(self.network.stem), init, self.network))
-            heads.append(reinit_member(copy.deepcopy(self.network.head), init, self.network))
+        for _ in range(num_members - 1):  # the backbone's own init recipe, re-drawn for each member
+            stems.append(self.network.init_weights(copy.deepcopy(self.network.stem)))
+            heads.append(self.network.init_weights(copy.deepcopy(self.network.head)))
         self.stems = nn.ModuleList(stems)
         self.heads = nn.ModuleList(heads)
         # the member stems/heads live in self.stems/self.heads only (no duplicate state-dict keys)
@@ -163,8 +130,10 @@ class MixMoModule(ClassifierModule):
         with torch.no_grad():
             was_training = self.stems[0].training
             self.stems[0].eval()
-            self.feature_hw = tuple(self.stems[0](torch.zeros(1, *self.image_shape)).shape[-2:])
+            features = self.stems[0](torch.zeros(1, *self.image_shape))
             self.stems[0].train(was_training)
+        # masks are (B, M, *mask_shape): (h, w) for feature maps, (C,) for feature vectors
+        self.mask_shape = tuple(features.shape[2:]) if features.dim() == 4 else tuple(features.shape[1:])
         self.temperature = 1.0
 
     # -- network -------------------------------------------------------------------
@@ -177,9 +146,7 @@ class MixMoModule(ClassifierModule):
         for stem in self.stems[1:]:
             h = h + stem(images)
         z = self._core(h)
-        logits = torch.stack([head(z) for head in self.heads]) if self.num_members > 1 else self.heads[0](z)
-        self._last_logits = logits
-        return logits
+        return torch.stack([head(z) for head in self.heads]) if self.num_members > 1 else self.heads[0](z)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Ensemble logits: the mean of the member logits."""
@@ -200,28 +167,32 @@ class MixMoModule(ClassifierModule):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Batch formation and masks of one step: (inputs (M,B,C,H,W), targets (M,B,K), masks, own indices).
 
-        Targets are soft labels already multiplied by the member weights w_k.
+        Masks are (B, M, *mask_shape); targets are soft labels already multiplied by the member
+        weights w_k, in float64 for a float64 model and float32 otherwise.
         """
         hp = self.hparams
         m, device = self.num_members, images.device
+        dtype = torch.promote_types(images.dtype, torch.float32)
         own = repetition_indices(images.shape[0], m, hp.batch_repetitions, hp.proba_input_repetition, device)
-        size = own.shape[1]
-        lam = sample_ratios(size, m, hp.alpha, device)
-        use_cutmix = m > 1 and float(torch.rand(())) < patch_probability(hp.cutmix_prob, self.progress())
-        role_perm = torch.randperm(m).tolist() if m > 1 else None
-        masks, lam = mixmo_masks(lam, *self.feature_hw, "cutmix" if use_cutmix else "mixup", role_perm)
+        lam = sample_ratios(own.shape[1], m, hp.alpha, device, dtype=dtype)
+        method = mixing_method(patch_probability(hp.cutmix_prob, self.progress())) if m > 1 else "mixup"
+        role_perm = role_permutation(m) if m > 1 else None
+        masks, lam = mixmo_masks(lam, self.mask_shape, method, role_perm)
         if hp.msda is not None:
             inputs, targets = msda_mix(images, own, labels, masks, self.num_classes, hp.msda, hp.msda_prob, hp.msda_beta)
         else:
             inputs = images[own]
-            targets = F.one_hot(labels[own], self.num_classes).to(images.dtype)
+            targets = F.one_hot(labels[own], self.num_classes).to(dtype)
         weights = member_weights(lam, hp.weight_root) if m > 1 else torch.ones_like(lam)
         targets = targets * weights.t()[..., None]
         return inputs, targets, masks, own
 
-    def training_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def training_loss(
+        self, images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sum over members of the soft-target CE (+ the explicit L2 term); returns (loss, member 0's
+        logits, member 0's labels): train accuracy compares member 0 with its own repeated labels."""
         inputs, targets, masks, own = self.mixmo_inputs(images, labels)
-        self._train_labels = labels[own[0]]
         if self.num_members == 1:
             h = self.stems[0](inputs[0])
         else:
@@ -232,30 +203,25 @@ class MixMoModule(ClassifierModule):
         if self.hparams.l2_reg:
             params = [p for p in self.parameters() if p.requires_grad]
             loss = loss + self.hparams.l2_reg * torch.stack(torch._foreach_norm(params)).pow(2).sum()
-        return loss, logits[0]
-
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        """As the base, but train accuracy compares member 0's logits with its own (repeated) labels."""
-        images, labels = batch
-        loss, logits = self.training_loss(images, labels)
-        self.check_finite(loss)
-        self.train_acc(logits.detach(), self._train_labels)
-        self.log("train/loss", loss.detach(), prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
-        return loss
+        return loss, logits[0], labels[own[0]]
 
     # -- evaluation: temperature scaling and ratio-errors ----------------------------
+    def evaluation_logits(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``""``: the members' logits (M, B, C) (ensemble = their mean; (B, C) if M = 1); at test time
+        with ``temperature_scaling: val`` also ``ts``: the ensemble logits / T, logged as ``test/ts/...``."""
+        members = self.predict_logits(images)
+        variants = {"": members}
+        if self.hparams.temperature_scaling == "val" and self._trainer is not None and self.trainer.testing:
+            variants["ts"] = self._ensemble(members) / self.temperature
+        return variants
+
     def on_test_start(self) -> None:
         super().on_test_start()
-        mode = self.hparams.temperature_scaling
-        self.ts_metrics = nn.ModuleList(
-            [classification_metrics(self.num_classes, "") for _ in self.test_set_names]
-        ).to(self.device)
         self.ratio_errors = nn.ModuleList(
             [RatioErrors(self.num_members) for _ in self.test_set_names]
         ).to(self.device)
         self._collected: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in self.test_set_names]
-        self.temperature = self._fit_on_validation() if mode == "val" else 1.0
+        self.temperature = self._fit_on_validation() if self.hparams.temperature_scaling == "val" else 1.0
 
     def _fit_on_validation(self) -> float:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -271,40 +237,35 @@ class MixMoModule(ClassifierModule):
                 labels.append(targets.to(self.device))
         return fit_temperature(torch.cat(logits), torch.cat(labels))
 
-    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        super().test_step(batch, batch_idx, dataloader_idx)
-        member_logits = self._last_logits  # of every image of the batch (checked by the base test_step)
-        labels = batch[1]
-        ensemble = self._ensemble(member_logits).float()
-        if member_logits.dim() == 3:
-            self.ratio_errors[dataloader_idx].update(member_logits, labels)
+    def update_test_extras(self, dataloader_idx: int, variants: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
+        """Ratio-errors of the members and, for ``test_halves``, the ensemble logits of the set."""
+        members = variants[""]
+        if members.dim() == 3:
+            self.ratio_errors[dataloader_idx].update(members, labels)
         if self.hparams.temperature_scaling == "test_halves":
-            self._collected[dataloader_idx].append((ensemble, labels))
-        elif self.hparams.temperature_scaling == "val":
-            self.ts_metrics[dataloader_idx].update(ensemble / self.temperature, labels)
+            self._collected[dataloader_idx].append((self._ensemble(members).float(), labels))
 
     def extra_test_metrics(self, index: int) -> dict[str, torch.Tensor]:
-        """Diversity and temperature-scaled metrics of test set ``index`` (logged by the base class)."""
+        """``ratio_errors`` and ``temperature`` of test set ``index``, plus ``ts/*`` for ``test_halves``
+        (for ``val`` the base class logs the ``ts`` variant)."""
         values: dict[str, torch.Tensor] = {}
         if self.num_members > 1:
             values["ratio_errors"] = self.ratio_errors[index].compute()
         mode = self.hparams.temperature_scaling
         if mode == "val":
-            values.update({f"ts/{k}": v for k, v in self.ts_metrics[index].compute().items()})
             values["temperature"] = torch.tensor(self.temperature)
         elif mode == "test_halves" and self._collected[index]:
-            values.update(self._cross_fit(index))
+            logits, labels = (torch.cat(parts) for parts in zip(*self._collected[index]))
+            values.update(self.cross_fit_metrics(logits, labels))
         return values
 
     def on_test_epoch_end(self) -> None:
         super().on_test_epoch_end()
-        for collection in (*self.ts_metrics, *self.ratio_errors):
-            collection.reset()
+        for metric in self.ratio_errors:
+            metric.reset()
 
-    def _cross_fit(self, i: int) -> dict[str, torch.Tensor]:
+    def cross_fit_metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Official ``--tempscale``: fit on one test half, evaluate on the other, average both ways."""
-        logits = torch.cat([lg for lg, _ in self._collected[i]])
-        labels = torch.cat([lb for _, lb in self._collected[i]])
         halves = cross_fit_temperature(logits, labels)
         per_half = []
         for idx, temperature in halves:

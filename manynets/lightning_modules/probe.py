@@ -24,52 +24,24 @@ the fitted probe on the training latents; ``sklearn_reference`` reports that num
 
 from __future__ import annotations
 
-import csv
-from pathlib import Path
 from typing import Literal
 
-import lightning.pytorch as pl
 import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable, instantiate_module
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
-from manynets.callbacks.saturation import check_layer_options, log_figure, select_layers
-from manynets.errors import check_arg
-from manynets.layers.probes import (
-    LinearProbe,
-    ProbeAccuracy,
+from manynets.analysis import (
+    LayerTap,
+    check_layer_options,
     extract_features,
-    fit_probe_lbfgs,
-    probe_features,
-    sklearn_probe_accuracies,
+    load_network,
+    output_dir,
+    select_layers,
+    write_probe_results,
 )
+from manynets.errors import ConfigError, check_arg
+from manynets.layers.probes import LinearProbe, ProbeAccuracy, fit_probe_lbfgs, probe_features, sklearn_probe_accuracies
 from manynets.lightning_modules.classifier import BackboneFactory, ClassifierModule
-
-
-def load_backbone(checkpoint: str, num_classes: int = 0, image_shape: tuple = ()) -> nn.Module:
-    """The trained ``.network`` of a manynets checkpoint (model rebuilt from its hyper-parameters)."""
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"model.init_args.checkpoint = '{checkpoint}' is not a file; give a .ckpt written by `manynets fit` "
-            "(e.g. <run>/checkpoints/last.ckpt)."
-        )
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    hparams = dict(ckpt.get("hyper_parameters", {}))
-    if "_class_path" not in hparams:
-        raise ValueError(
-            f"checkpoint '{checkpoint}' has no '_class_path' hyper-parameter: it was not written by the "
-            "manynets CLI. Train the backbone with `manynets fit` (or pass backbone=... instead)."
-        )
-    hparams.pop("_instantiator", None)
-    model = instantiate_module(pl.LightningModule, hparams)
-    network = getattr(model, "network", None)
-    if network is None:
-        raise ValueError(f"the model in '{checkpoint}' ({hparams['_class_path']}) has no .network backbone")
-    state = {k[len("network.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("network.")}
-    network.load_state_dict(state, strict=True)
-    return network
-
 
 _SKLEARN_SOLVERS = ("lbfgs", "liblinear", "newton-cg", "newton-cholesky", "sag", "saga")
 
@@ -152,7 +124,8 @@ class ProbeModule(ClassifierModule):
         self.probes = nn.ModuleDict()
         self.probe_acc = nn.ModuleDict()
         self.results: dict[str, dict[str, float]] = {}
-        self._captured: dict[str, torch.Tensor] = {}
+        self.tap: LayerTap | None = None
+        self._logits_match = True
         self._num_train = 0
         self._cache: dict[str, list[torch.Tensor]] = {}
         self._cache_labels: list[torch.Tensor] = []
@@ -170,32 +143,26 @@ class ProbeModule(ClassifierModule):
             return
         hp = self.hparams
         if self.checkpoint:
-            self.network = load_backbone(self.checkpoint)
+            self.network = load_network(self.checkpoint)
         self.network.requires_grad_(False)
         self.network.eval()
         self.modules_probed = select_layers(self.network, hp.layers, hp.types)
-        for name, module in self.modules_probed.items():
-            module.register_forward_hook(self._capture(name))
+        self.tap = LayerTap(self.modules_probed)  # kept for the module's lifetime: every forward fills tap.outputs
         with torch.no_grad():
             try:
-                self.network(torch.zeros(2, *self.image_shape, device=self.device))
+                logits = self.network(torch.zeros(2, *self.image_shape, device=self.device))
             except RuntimeError as err:
-                raise ValueError(
+                raise ConfigError(
                     f"the probed backbone does not accept images of shape {self.image_shape} from the data "
                     f"module ({err}); use the data (size, channels) it was trained on."
                 ) from err
-        for name, out in self._captured.items():
+        self._logits_match = logits.shape[-1] == self.num_classes  # else only the probes are scored
+        for name, out in self.tap.outputs.items():  # in forward order
             feats = probe_features(out, hp.pool_size, hp.pixelwise)
             self.probes[name] = LinearProbe(feats.shape[1], feats.shape[2], self.num_classes, hp.standardize)
             self.probe_acc[name] = nn.ModuleDict({f"{s}_acc": ProbeAccuracy(feats.shape[1]) for s in ("train", "val", "test")})
         self.probes.to(self.device)
         self.probe_acc.to(self.device)
-
-    def _capture(self, name: str):
-        def hook(module, inputs, output):
-            self._captured[name] = output.detach()
-
-        return hook
 
     def train(self, mode: bool = True):
         """The backbone stays in eval mode (frozen BN statistics, no dropout); the probes follow ``mode``."""
@@ -206,11 +173,12 @@ class ProbeModule(ClassifierModule):
     # -- probes --------------------------------------------------------------------
     def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return self.network(images)  # hooks fill self._captured
+            return self.network(images)  # the tap fills self.tap.outputs
 
     def _probe_logits(self) -> dict[str, torch.Tensor]:
         hp = self.hparams
-        return {n: self.probes[n](probe_features(self._captured[n], hp.pool_size, hp.pixelwise)) for n in self.probes}
+        outputs = self.tap.outputs
+        return {n: self.probes[n](probe_features(outputs[n], hp.pool_size, hp.pixelwise)) for n in self.probes}
 
     def on_train_start(self) -> None:
         """N of the L2 term ``||W||^2 / (2 C N)``: the size of the training set (all ranks together)."""
@@ -250,7 +218,7 @@ class ProbeModule(ClassifierModule):
     def _cache_batch(self, labels: torch.Tensor) -> None:
         hp = self.hparams
         for name in self.probes:
-            feats = probe_features(self._captured[name], hp.pool_size, hp.pixelwise)
+            feats = probe_features(self.tap.outputs[name], hp.pool_size, hp.pixelwise)
             self._cache.setdefault(name, []).append(feats)
             self._cache_bytes += feats.numel() * feats.element_size()
         self._cache_labels.append(labels)
@@ -275,24 +243,22 @@ class ProbeModule(ClassifierModule):
                 probe.train(was_training)
         self._cache, self._cache_labels, self._cache_bytes = {}, [], 0
 
-    def _classes_match(self, logits: torch.Tensor) -> bool:
-        return logits.shape[-1] == self.num_classes
-
     def validation_step(self, batch, batch_idx: int) -> None:
+        """One forward: the backbone's own metrics (when its classes are the data's) and the probes'."""
         images, labels = batch
-        logits = self.predict_logits(images)  # one forward: backbone logits + hooked layer outputs
-        if self._classes_match(logits):
-            self.val_metrics.update(logits.float(), labels)
-            for name, metric in self.val_metrics.items():
-                self.log(name, metric, prog_bar=name == "val/acc")
+        if self._logits_match:
+            super().validation_step(batch, batch_idx)
+        else:
+            self.predict_logits(images)
         for name, out in self._probe_logits().items():
             self.probe_acc[name]["val_acc"].update(out, labels)
 
     def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         images, labels = batch
-        logits = self.predict_logits(images)
-        if self._classes_match(logits):
-            self.test_metrics[dataloader_idx]["ensemble"].update(logits.float(), labels)
+        if self._logits_match:
+            super().test_step(batch, batch_idx, dataloader_idx)
+        else:
+            self.predict_logits(images)
         if dataloader_idx == 0:  # probe test accuracy on the first (clean) test set
             for name, out in self._probe_logits().items():
                 self.probe_acc[name]["test_acc"].update(out, labels)
@@ -347,32 +313,6 @@ class ProbeModule(ClassifierModule):
     # -- outputs ------------------------------------------------------------------------
     def write_results(self) -> None:
         """``probes.csv`` (layer, train/val/test accuracy, references) and ``probes.png`` on rank 0."""
-        if not self.results or not self.trainer.is_global_zero:
-            return
-        directory = Path(self.hparams.dirpath or self.trainer.log_dir or self.trainer.default_root_dir)
-        directory.mkdir(parents=True, exist_ok=True)
-        columns = ["layer"] + sorted({k for row in self.results.values() for k in row})
-        with open(directory / "probes.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            for name, row in self.results.items():
-                writer.writerow({"layer": name, **row})
-        if self.hparams.pixelwise:
-            return
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-
-        names = list(self.results)
-        fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names) + 2), 4))
-        for column in columns[1:]:
-            ax.plot(range(len(names)), [100 * self.results[n].get(column, float("nan")) for n in names], "o-", label=column)
-        ax.set_xticks(range(len(names)))
-        ax.set_xticklabels(names, rotation=90, fontsize=7)
-        ax.set_ylabel("probe accuracy (%)")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(directory / "probes.png", dpi=100)
-        log_figure(self.trainer, "probes", fig, self.global_step)
-        plt.close(fig)
+        if self.results and self.trainer.is_global_zero:
+            directory = output_dir(self.trainer, self.hparams.dirpath)
+            write_probe_results(self.results, directory, self.trainer, plot=not self.hparams.pixelwise)

@@ -2,7 +2,9 @@
 networks at the cost of one (spec §3).
 
 Any backbone becomes a subspace with :func:`manynets.layers.subspace.to_subspace` (every Conv2d,
-Linear and BatchNorm of stem, body and head). Each training batch (or each of ``num_samples``
+Linear and BatchNorm of stem, body and head; feature maps or vectors, e.g. an MLP of Linear layers),
+the extra parameter sets drawn with the backbone's own recipe. Points are computed in the
+parameters' dtype (float64 for a float64 model). Each training batch (or each of ``num_samples``
 chunks of it) is computed at a random point: α ~ U[0, 1] for lines and curves, t ~ Dirichlet(1)
 for simplexes, one draw for the whole network or one per layer (``layerwise``). The loss is
 cross-entropy + β·cos²(θ_i, θ_j) for a random pair of parameter sets (the curve's control point
@@ -38,17 +40,9 @@ import torch
 import torch.nn.functional as F
 
 from manynets.errors import check_arg
-from manynets.layers.subspace import (
-    Kind,
-    cosine_similarity_squared,
-    midpoint,
-    num_parameter_sets,
-    sample_coefficients,
-    set_point,
-    subspace_layers,
-    to_subspace,
-)
+from manynets.layers.subspace import cosine_similarity_squared, set_point, subspace_layers, to_subspace
 from manynets.layers.subspace_bn import recompute_bn
+from manynets.layers.subspace_points import Kind, midpoint, num_parameter_sets, sample_coefficients
 from manynets.lightning_modules.classifier import BackboneFactory, ClassifierModule
 
 
@@ -62,10 +56,11 @@ class SubspaceModule(ClassifierModule):
         layerwise: an independent point per layer instead of one per batch (spec §3.2).
         beta: weight of the cos² regulariser (official 1.0; 0 switches it off).
         num_samples: split each batch into this many chunks, each at its own point; losses averaged.
-        init: how parameter sets 1.. are initialised, each independently: ``backbone`` builds another
-            instance of the backbone per set (its own init recipe; for CifarResNet/ResNet with
-            ``init: kaiming_fan_in`` this is the official Kaiming fan_in), ``kaiming_fan_in`` or
-            ``default`` (PyTorch's) re-initialise; BN sets always start at γ = 1, β = 0.
+        init: how parameter sets 1.. are initialised, each independently: ``backbone`` applies the
+            backbone's own recipe (:meth:`~manynets.networks.Backbone.init_weights`) to a copy of each
+            original layer, one layer at a time (for CifarResNet/ResNet with ``init: kaiming_fan_in``
+            this is the official Kaiming fan_in; BN at γ = 1, β = 0); ``kaiming_fan_in`` (convs and
+            Linear) or ``default`` (PyTorch's) re-initialise with BN sets at γ = 1, β = 0.
         recompute_bn_every_n_epochs: recompute the midpoint's BN statistics before validation every
             n-th epoch and at the last one (0: never; validation then uses the shared statistics).
         test_recompute_bn: recompute the midpoint's BN statistics over the training data at test start.
@@ -100,30 +95,38 @@ class SubspaceModule(ClassifierModule):
         check_arg(recompute_bn_every_n_epochs >= 0, m + "recompute_bn_every_n_epochs", recompute_bn_every_n_epochs,
                   ">= 0", "0 never recomputes before validation.")
         check_arg(bn_batches is None or bn_batches >= 1, m + "bn_batches", bn_batches, "null (whole epoch) or >= 1")
+        check_arg(init in ("backbone", "kaiming_fan_in", "default"), m + "init", init,
+                  "'backbone', 'kaiming_fan_in' or 'default'")
         super().__init__(backbone, num_classes, image_shape, **kwargs)
         self.kind, self.num_vertices, self.num_sets = kind, num_vertices, num_sets
-        sources = None
-        if init == "backbone":
-            sources = [backbone(num_classes, self.image_shape) for _ in range(num_sets - 1)]
-        to_subspace(self.network, kind, num_vertices, sources, init="kaiming_fan_in" if init == "backbone" else init)
+        to_subspace(self.network, kind, num_vertices, init=self.network.init_weights if init == "backbone" else init)
         self._layers = subspace_layers(self.network)
         self._saved_bn: dict[str, torch.Tensor] | None = None
 
     # -- points ----------------------------------------------------------------------
-    def evaluation_coefficients(self) -> torch.Tensor:
-        """Coefficients (S,) of the evaluation point: midpoint (line, curve) or centroid (simplex)."""
-        return midpoint(self.kind, self.num_vertices)
+    def _parameter_dtype(self) -> torch.dtype:
+        return next(self.network.parameters()).dtype
 
-    def sample_point(self) -> None:
-        """Draw the training point(s): one for every layer, or one per layer when ``layerwise``."""
+    def evaluation_coefficients(self) -> torch.Tensor:
+        """Coefficients (S,) of the evaluation point: midpoint (line, curve) or centroid (simplex), in
+        the parameters' dtype."""
+        return midpoint(self.kind, self.num_vertices, dtype=self._parameter_dtype())
+
+    def sample_point(self, generator: torch.Generator | None = None) -> None:
+        """Draw the training point(s) in the parameters' dtype: one for every layer, or one per layer
+        when ``layerwise``; ``generator`` (on the model's device) gives fixed draws."""
         n = len(self._layers) if self.hparams.layerwise else 1
-        coefficients = sample_coefficients(self.kind, self.num_vertices, n, device=self.device)
+        coefficients = sample_coefficients(self.kind, self.num_vertices, n, device=self.device,
+                                           dtype=self._parameter_dtype(), generator=generator)  # fmt: skip
         for i, layer in enumerate(self._layers):
             layer.coefficients = coefficients[i : i + 1] if n > 1 else coefficients
 
     # -- hooks -----------------------------------------------------------------------
-    def training_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean CE over ``num_samples`` chunks (one point each) + β·cos² of a random pair of sets."""
+    def training_loss(
+        self, images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mean CE over ``num_samples`` chunks (one point each) + β·cos² of a random pair of sets;
+        returns (loss, logits of every image, labels)."""
         n = self.hparams.num_samples
         if n > images.shape[0]:
             raise ValueError(f"model.num_samples={n} exceeds the batch size {images.shape[0]}.")
@@ -140,7 +143,7 @@ class SubspaceModule(ClassifierModule):
             if self._trainer is not None:
                 self.log("train/cos2", cos2.detach())
             loss = loss + self.hparams.beta * cos2
-        return loss, torch.cat(all_logits) if n > 1 else all_logits[0]
+        return loss, torch.cat(all_logits) if n > 1 else all_logits[0], labels
 
     def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
         """Logits at the midpoint (line, curve) or centroid (simplex)."""
@@ -175,18 +178,16 @@ class SubspaceModule(ClassifierModule):
         return epoch % every == 0 or epoch == self.trainer.max_epochs
 
     def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
         recomputed = False
         if self._recompute_now():
             self._saved_bn = {k: v.clone() for k, v in self.network.state_dict().items() if "running_" in k
                               or "num_batches_tracked" in k}  # fmt: skip
             recomputed = self.recompute_bn()
-        self._bn_recomputed = float(recomputed)
-
-    def validation_step(self, batch, batch_idx: int) -> None:
-        super().validation_step(batch, batch_idx)
-        self.log("val/bn_recomputed", self._bn_recomputed)
+        self.log("val/bn_recomputed", float(recomputed))
 
     def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
         if self._saved_bn is not None:  # back to the shared statistics of training
             self.network.load_state_dict(self._saved_bn, strict=False)
             self._saved_bn = None

@@ -12,13 +12,18 @@ Forward pass at the backbone seams (spec §1.1), for a call superposing n | N im
 3. ``body`` and ``pool`` once per group, i.e. on B'/n superposed maps (the speed-up);
 4. learned unbinding into N feature vectors, the r copies of each image averaged; ``head``.
 
+The stem output may be maps (B, C, H, W) or vectors (B, C) (MLP backbones): binding acts on the
+channel axis either way (HRR: circular convolution of the C channels; MBAT: a C x C matrix per slot).
+
 Training (spec §1.4): mixup (one lambda ~ Beta(alpha, alpha) per batch, random partner) on the
 pre-superposition batch; loss = mixup CE + bind_weight·R_bind + isometry_weight·R_iso. In dynamic
 mode a batch superposes ``sup_low`` images with probability 1 - ``sup_frequency``, else N.
 
-Evaluation at every n in ``eval_n`` (default: every divisor of N): ``val/n{n}/{acc,nll,ece,brier}``
-and ``test/n{n}/...`` plus ``test/n{n}/images_per_s`` (forward time of the network only, measured in
-the test loop, with CUDA synchronisation). ``val/...`` and ``test/...`` without ``n{n}`` are at n = N.
+Evaluation at every n in ``eval_n`` (default: every divisor of N): :meth:`SuperpositionModule.evaluation_logits`
+returns the variants ``n{n}`` and ``""`` (= n = N, computed once), which the base class logs as
+``val/n{n}/{acc,nll,ece,brier}``, ``test/n{n}/...`` and ``val/...``, ``test/...``; plus
+``test/n{n}/images_per_s`` (forward time of the network only, measured in the test loop, with CUDA
+synchronisation).
 Evaluation batches superpose consecutive images of the (unshuffled) loader; the official evaluation
 shuffles, so its partners are random: either way each image is evaluated with other test images.
 The official evaluation also truncates every batch to a multiple of n, dropping up to n - 1 images
@@ -39,6 +44,7 @@ Official-code differences (documented in the configs too):
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any, Literal
 
@@ -47,7 +53,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
-from manynets.errors import ConfigError, check_arg
+from manynets.errors import check_arg
 from manynets.layers.binding import (
     HRRBinding,
     LearnedUnbinding,
@@ -56,15 +62,8 @@ from manynets.layers.binding import (
     check_slots,
 )
 from manynets.layers.isometry import isometry_regularization
-from manynets.lightning_modules.classifier import (
-    BackboneFactory,
-    ClassifierModule,
-    check_scored,
-    classification_metrics,
-)
-from manynets.networks.wide_resnet import isometry_convs
-
-_SEAMS = ("stem", "body", "pool", "head", "stem_channels", "feature_dim")
+from manynets.lightning_modules.classifier import BackboneFactory, ClassifierModule
+from manynets.networks import isometry_convs
 
 
 def mixup(images: Tensor, labels: Tensor, alpha: float, generator: torch.Generator | None = None):
@@ -125,8 +124,9 @@ class SuperpositionModule(ClassifierModule):
             None = N (static).
         sup_frequency: fraction of training batches superposing N images (the rest: ``sup_low``).
         eval_n: the n evaluated in validation and test (each must divide N); None = every divisor.
-        Other arguments: see :class:`ClassifierModule`. The backbone needs the seams ``stem``,
-        ``body``, ``pool``, ``head`` and ints ``stem_channels``, ``feature_dim``.
+        Other arguments: see :class:`ClassifierModule`. The backbone is a
+        :class:`manynets.networks.Backbone` (checked by the base class): binding after its ``stem``,
+        unbinding before its ``head``.
     """
 
     def __init__(
@@ -160,12 +160,6 @@ class SuperpositionModule(ClassifierModule):
         check_arg(bind_weight >= 0, m + "bind_weight", bind_weight, ">= 0", "0.1 in MIMOConv; 0 turns R_bind off.")
         check_arg(isometry_weight >= 0, m + "isometry_weight", isometry_weight, ">= 0", "1e-4 for MIMONet; 0 is off.")
         super().__init__(backbone, num_classes, image_shape, optimizer, **kwargs)
-        missing = [s for s in _SEAMS if not hasattr(self.network, s)]
-        if missing:
-            raise ConfigError(
-                f"model.init_args.backbone: SuperpositionModule needs a backbone with the seams {_SEAMS}; "
-                f"{type(self.network).__name__} lacks {missing}. Use a manynets.networks backbone."
-            )
         self.capacity = capacity
         self.sup_low, self.sup_frequency = sup_low or capacity, sup_frequency
         self.mixup_alpha, self.bind_weight, self.isometry_weight = mixup_alpha, bind_weight, isometry_weight
@@ -178,9 +172,7 @@ class SuperpositionModule(ClassifierModule):
         else:
             self.binding = MBATBinding(capacity, channels, trainable_keys)
         self.unbinding = None if (binding == "none" and capacity == 1) else LearnedUnbinding(dim, capacity)
-        self.val_n_metrics = nn.ModuleDict({str(n): classification_metrics(num_classes, f"val/n{n}/") for n in self.eval_n})
-        self.test_n_metrics = nn.ModuleList()
-        self._throughput: dict[int, list[float]] = {}
+        self._throughput: dict[int, list[float]] = {}  # n -> [images, seconds] of the test forward passes
 
     # -- the superposed forward pass -----------------------------------------------
     def forward_superposed(self, images: Tensor, n: int | None = None, pad: bool = False) -> Tensor:
@@ -229,7 +221,9 @@ class SuperpositionModule(ClassifierModule):
                  else r_bind.new_zeros(()))
         return r_bind, r_iso
 
-    def training_loss(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    def training_loss(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Mixup CE of the first B - (B mod n) images + bind_weight·R_bind + isometry_weight·R_iso;
+        returns (loss, logits, the kept images' labels)."""
         n = self.sample_n()
         mixed, y_a, y_b, lam = mixup(images, labels, self.mixup_alpha)
         logits = self.forward_superposed(mixed, n)  # the first B - (B mod n) images (official truncation)
@@ -245,30 +239,26 @@ class SuperpositionModule(ClassifierModule):
             loss = loss + self.isometry_weight * r_iso.to(loss.dtype)
         self.log_dict({"train/r_bind": r_bind.detach().float(), "train/r_iso": r_iso.detach().float(),
                        "train/n": float(n)}, on_step=True, on_epoch=False)
-        return loss, logits
+        return loss, logits, labels[:kept]
 
     # -- evaluation at every n -----------------------------------------------------
-    def validation_step(self, batch, batch_idx: int) -> None:
-        images, labels = batch
+    def evaluation_logits(self, images: Tensor) -> dict[str, Tensor]:
+        """``{"": n = N, "n{n}": ...}`` for every n in ``eval_n``, each (B, C) for every image (padded groups).
+
+        n = N is computed once and serves both ``""`` and ``n{N}``. While testing, each n's forward pass
+        is timed for ``test/n{n}/images_per_s``.
+        """
+        timed = self._trainer is not None and self.trainer.testing
+        variants = {}
         for n in self.eval_n:
-            logits = self.forward_superposed(images, n, pad=True).float()
-            check_scored(logits, labels)
-            self.val_n_metrics[str(n)].update(logits, labels)
-            if n == self.capacity:
-                self.val_metrics.update(logits, labels)
-        for name, metric in self.val_metrics.items():
-            self.log(name, metric, prog_bar=name == "val/acc")
-        for collection in self.val_n_metrics.values():
-            for name, metric in collection.items():
-                self.log(name, metric)
+            forward = self._timed_forward if timed else functools.partial(self.forward_superposed, pad=True)
+            variants[f"n{n}"] = forward(images, n)
+        variants[""] = variants[f"n{self.capacity}"]
+        return variants
 
     def on_test_start(self) -> None:
         super().on_test_start()
-        self.test_n_metrics = nn.ModuleList(
-            [nn.ModuleDict({str(n): classification_metrics(self.num_classes, "") for n in self.eval_n})
-             for _ in self.test_set_names]
-        ).to(self.device)
-        self._throughput = {n: [0.0, 0.0] for n in self.eval_n}  # n -> [images, seconds]
+        self._throughput = {n: [0.0, 0.0] for n in self.eval_n}
 
     def _timed_forward(self, images: Tensor, n: int) -> Tensor:
         sync = images.is_cuda
@@ -281,23 +271,6 @@ class SuperpositionModule(ClassifierModule):
         self._throughput[n][0] += logits.shape[0]
         self._throughput[n][1] += time.perf_counter() - start
         return logits
-
-    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        images, labels = batch
-        for n in self.eval_n:
-            logits = self._timed_forward(images, n).float()
-            check_scored(logits, labels)
-            self.test_n_metrics[dataloader_idx][str(n)].update(logits, labels)
-            if n == self.capacity:
-                self.test_metrics[dataloader_idx]["ensemble"].update(logits, labels)
-
-    def extra_test_metrics(self, index: int) -> dict[str, torch.Tensor]:
-        """``n{n}/{acc,nll,ece,brier}`` of test set ``index`` at every tested n (logged by the base class)."""
-        values = {}
-        for n, metrics in self.test_n_metrics[index].items():
-            values.update({f"n{n}/{k}": v for k, v in metrics.compute().items()})
-            metrics.reset()
-        return values
 
     def on_test_epoch_end(self) -> None:
         super().on_test_epoch_end()

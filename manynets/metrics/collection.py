@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
+from torchmetrics.classification import MulticlassAccuracy
 
-from manynets.metrics.calibration import BrierScore, NegativeLogLikelihood
+from manynets.metrics.calibration import BrierScore, CalibrationError, NegativeLogLikelihood
 
 
 def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
@@ -15,7 +15,7 @@ def classification_metrics(num_classes: int, prefix: str) -> MetricCollection:
         {
             "acc": MulticlassAccuracy(num_classes, average="micro"),
             "nll": NegativeLogLikelihood(),
-            "ece": MulticlassCalibrationError(num_classes, n_bins=15, norm="l1"),
+            "ece": CalibrationError(num_classes, n_bins=15, norm="l1"),
             "brier": BrierScore(),
         },
         prefix=prefix,

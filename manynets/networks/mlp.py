@@ -10,23 +10,22 @@ that Learn Features" (π-limit), ICLR 2022; official ``santacml/pilim``
       class_path: manynets.networks.MLP
       init_args: {depth: 2, width: 2048}
 
-Weights keep PyTorch's default Linear init; the π-net's own parametrisation lives in
-``manynets.layers.pi``.
+Weights get PyTorch's default Linear init (:meth:`MLP.init_weights`); the π-net's own parametrisation
+is :class:`~manynets.networks.PiMLP`.
 """
 
 from __future__ import annotations
 
 import math
 
-import torch
 from torch import nn
 
 from manynets.errors import check_arg
 
-_ARG = "model.init_args.backbone.init_args."  # how a config names a backbone option
+from .base import ARG, Backbone, make_linear
 
 
-class MLP(nn.Module):
+class MLP(Backbone):
     """flatten -> ``depth`` x (Linear(width) + ReLU) -> Linear head, split at the usual seams.
 
     ``stem`` = Flatten + first Linear + ReLU, ``body`` = the other hidden layers (empty for
@@ -51,19 +50,15 @@ class MLP(nn.Module):
         bias: bool = True,
     ) -> None:
         super().__init__()
-        check_arg(depth >= 1, _ARG + "depth", depth, ">= 1 hidden layers")
-        check_arg(width >= 1, _ARG + "width", width, ">= 1 units per hidden layer")
+        check_arg(depth >= 1, ARG + "depth", depth, ">= 1 hidden layers")
+        check_arg(width >= 1, ARG + "width", width, ">= 1 units per hidden layer")
         self.stem_channels = self.feature_dim = width
-        self.stem = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(image_shape), width, bias=bias), nn.ReLU())
+        self.stem = nn.Sequential(nn.Flatten(), make_linear(math.prod(image_shape), width, bias, default_init=True),
+                                  nn.ReLU())  # fmt: skip
         layers: list[nn.Module] = []
         for _ in range(depth - 1):
-            layers += [nn.Linear(width, width, bias=bias), nn.ReLU()]
+            layers += [make_linear(width, width, bias, default_init=True), nn.ReLU()]
         self.body = nn.Sequential(*layers)
         self.pool = nn.Identity()
-        self.head = nn.Linear(width, num_classes, bias=bias)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.body(self.stem(x)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        self.head = make_linear(width, num_classes, bias, default_init=True)
+        self.init_weights(self)

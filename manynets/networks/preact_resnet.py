@@ -24,7 +24,7 @@ from torch import nn
 
 from manynets.errors import check_arg
 
-from .wide_resnet import _ARG, he_trunc_normal_
+from .base import ARG, Backbone, he_trunc_normal_, init_modules, kaiming_normal, make_linear, normal
 
 _BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 
@@ -49,7 +49,7 @@ class PreActBlock(nn.Module):
         return out + shortcut
 
 
-class PreActResNet(nn.Module):
+class PreActResNet(Backbone):
     """PreActResNet-18/34-w split at the seams ``stem -> body -> pool -> head``.
 
     Args:
@@ -60,7 +60,8 @@ class PreActResNet(nn.Module):
         stem_stride: stride of the stem conv3x3 (MixMo Tiny ImageNet: 2 for 64 px inputs).
         final_norm_act: BN-ReLU after the last block (He et al. 2016); MixMo has none.
         init: ``kaiming_fan_out`` (convs N(0, 2/fan_out), BN 1/0, Linear PyTorch default) or
-            ``mixmo`` (convs He fan_in truncated to ±2σ with σ/0.8796, Linear N(0, 0.01), biases 0).
+            ``mixmo`` (convs He fan_in truncated to ±2σ with σ/0.8796, Linear N(0, 0.01), biases 0);
+            :meth:`init_weights` applies it.
     """
 
     def __init__(
@@ -75,9 +76,9 @@ class PreActResNet(nn.Module):
         init: Literal["kaiming_fan_out", "mixmo"] = "kaiming_fan_out",
     ) -> None:
         super().__init__()
-        check_arg(depth in _BLOCKS, _ARG + "depth", depth, f"one of {sorted(_BLOCKS)}")
-        check_arg(width >= 1, _ARG + "width", width, ">= 1 (the widening factor)")
-        check_arg(stem_stride >= 1, _ARG + "stem_stride", stem_stride, ">= 1", "MixMo uses 2 for 64 px Tiny ImageNet.")
+        check_arg(depth in _BLOCKS, ARG + "depth", depth, f"one of {sorted(_BLOCKS)}")
+        check_arg(width >= 1, ARG + "width", width, ">= 1 (the widening factor)")
+        check_arg(stem_stride >= 1, ARG + "stem_stride", stem_stride, ">= 1", "MixMo uses 2 for 64 px Tiny ImageNet.")
         self.stem_channels = 64
         self.stem = nn.Conv2d(image_shape[0], 64, 3, stem_stride, 1, bias=False)
         blocks: list[nn.Module] = []
@@ -92,23 +93,12 @@ class PreActResNet(nn.Module):
         self.body = nn.Sequential(*blocks)
         self.feature_dim = c_in
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = nn.Linear(c_in, num_classes)
+        self.head = make_linear(c_in, num_classes, default_init=init != "mixmo")
+        self.init = init
+        self.init_weights(self)
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                if init == "mixmo":
-                    he_trunc_normal_(m.weight)
-                else:
-                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        if init == "mixmo":
-            nn.init.normal_(self.head.weight, 0.0, 0.01)
-            nn.init.zeros_(self.head.bias)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.body(self.stem(x)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+    def init_weights(self, module: nn.Module) -> nn.Module:
+        """The recipe of ``init`` (class doc) on every Conv2d, Linear and BN of ``module``."""
+        if self.init == "mixmo":
+            return init_modules(module, conv=he_trunc_normal_, linear=normal(0.01))
+        return init_modules(module, conv=kaiming_normal("fan_out"))

@@ -37,7 +37,8 @@ from torch import nn
 
 from manynets.errors import check_arg
 
-_ARG = "model.init_args.backbone.init_args."  # how a config names a backbone option
+from .base import ARG, Backbone, init_modules, kaiming_normal, make_linear
+
 _BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 
 
@@ -87,23 +88,31 @@ def _shortcut(c_in: int, c_out: int, stride: int, kind: Literal["conv", "pad"], 
     return nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
 
 
-def _init(model: nn.Module, init: Literal["kaiming_fan_out", "kaiming_fan_in"]) -> None:
-    """``kaiming_fan_out``: torchvision (convs N(0, 2/fan_out), Linear PyTorch default);
-    ``kaiming_fan_in``: subspaces (convs and classifier N(0, 2/fan_in)). BN 1/0 in both."""
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            mode = "fan_in" if init == "kaiming_fan_in" else "fan_out"
-            nn.init.kaiming_normal_(m.weight, mode=mode, nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-    if init == "kaiming_fan_in":
-        nn.init.kaiming_normal_(model.head.weight, mode="fan_in", nonlinearity="relu")
-        if model.head.bias is not None:
-            nn.init.zeros_(model.head.bias)
+Init = Literal["kaiming_fan_out", "kaiming_fan_in"]
 
 
-class ResNet(nn.Module):
+class _KaimingResNet(Backbone):
+    """Shared init of :class:`ResNet` and :class:`CifarResNet`: ``kaiming_fan_out`` (torchvision: convs
+    N(0, 2/fan_out), Linear PyTorch default) or ``kaiming_fan_in`` (subspaces: convs and classifier
+    N(0, 2/fan_in), bias 0); BN 1/0 in both."""
+
+    init: Init
+
+    def _finish(self, c_in: int, num_classes: int, head_bias: bool, init: Init) -> None:
+        self.feature_dim = c_in
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = make_linear(c_in, num_classes, head_bias, default_init=init == "kaiming_fan_out")
+        self.init = init
+        self.init_weights(self)
+
+    def init_weights(self, module: nn.Module) -> nn.Module:
+        """The recipe of ``init`` (class doc) on every Conv2d, Linear and BN of ``module``."""
+        if self.init == "kaiming_fan_in":
+            return init_modules(module, conv=kaiming_normal("fan_in"), linear=kaiming_normal("fan_in"))
+        return init_modules(module, conv=kaiming_normal("fan_out"))
+
+
+class ResNet(_KaimingResNet):
     """torchvision-style BasicBlock ResNet-18/34 split at the seams ``stem -> body -> pool -> head``.
 
     Args:
@@ -135,13 +144,13 @@ class ResNet(nn.Module):
         init: Literal["kaiming_fan_out", "kaiming_fan_in"] = "kaiming_fan_out",
     ) -> None:
         super().__init__()
-        check_arg(blocks is not None or depth in _BLOCKS, _ARG + "depth", depth, f"one of {sorted(_BLOCKS)}",
+        check_arg(blocks is not None or depth in _BLOCKS, ARG + "depth", depth, f"one of {sorted(_BLOCKS)}",
                   "Or give blocks per stage, e.g. [1, 1, 1, 5].")
         blocks = _BLOCKS[depth] if blocks is None else blocks
-        check_arg(len(blocks) > 0 and min(blocks) >= 1, _ARG + "blocks", blocks, "a non-empty list of counts >= 1")
-        check_arg(width_divisor >= 1 and 64 % width_divisor == 0, _ARG + "width_divisor", width_divisor,
+        check_arg(len(blocks) > 0 and min(blocks) >= 1, ARG + "blocks", blocks, "a non-empty list of counts >= 1")
+        check_arg(width_divisor >= 1 and 64 % width_divisor == 0, ARG + "width_divisor", width_divisor,
                   "a divisor of 64 (1, 2, 4, 8)")
-        check_arg(stem in ("imagenet", "cifar"), _ARG + "stem", stem, "'imagenet' or 'cifar'")
+        check_arg(stem in ("imagenet", "cifar"), ARG + "stem", stem, "'imagenet' or 'cifar'")
         c0 = 64 // width_divisor
         self.stem_channels = c0
         if stem == "imagenet":
@@ -160,19 +169,10 @@ class ResNet(nn.Module):
                 layers.append(BasicBlock(c_in, c_out, stride, _shortcut(c_in, c_out, stride, "conv", skip)))
                 c_in = c_out
         self.body = nn.Sequential(*layers)
-        self.feature_dim = c_in
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = nn.Linear(c_in, num_classes, bias=head_bias)
-        _init(self, init)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.body(self.stem(x)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        self._finish(c_in, num_classes, head_bias, init)
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(_KaimingResNet):
     """CIFAR ResNet-20/32/44/56 (He et al. 2016 §4.2) split at the seams ``stem -> body -> pool -> head``.
 
     Stem conv3x3-BN-ReLU with ``width`` channels, then 3 stages of (depth-2)/6 BasicBlocks with
@@ -202,8 +202,8 @@ class CifarResNet(nn.Module):
         init: Literal["kaiming_fan_out", "kaiming_fan_in"] = "kaiming_fan_in",
     ) -> None:
         super().__init__()
-        check_arg(depth >= 8 and (depth - 2) % 6 == 0, _ARG + "depth", depth, "6n+2 >= 8 (20, 32, 44, 56, 110)")
-        check_arg(width >= 1, _ARG + "width", width, ">= 1 channels of the first stage", "16 in He et al.")
+        check_arg(depth >= 8 and (depth - 2) % 6 == 0, ARG + "depth", depth, "6n+2 >= 8 (20, 32, 44, 56, 110)")
+        check_arg(width >= 1, ARG + "width", width, ">= 1 channels of the first stage", "16 in He et al.")
         n = (depth - 2) // 6
         self.stem_channels = width
         self.stem = nn.Sequential(nn.Conv2d(image_shape[0], width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
@@ -216,13 +216,4 @@ class CifarResNet(nn.Module):
                 layers.append(BasicBlock(c_in, c_out, stride, _shortcut(c_in, c_out, stride, shortcut, True)))
                 c_in = c_out
         self.body = nn.Sequential(*layers)
-        self.feature_dim = c_in
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = nn.Linear(c_in, num_classes, bias=head_bias)
-        _init(self, init)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.body(self.stem(x)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        self._finish(c_in, num_classes, head_bias, init)

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from torch import nn
 
 from manynets.errors import check_arg
+
+from .base import ARG, Backbone, init_modules, kaiming_normal, normal
 
 CONFIGS: dict[int, tuple[int | str, ...]] = {
     11: (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
@@ -36,10 +37,7 @@ def _conv_bn_relu(c_in: int, c_out: int) -> list[nn.Module]:
     return [nn.Conv2d(c_in, c_out, 3, 1, 1), nn.BatchNorm2d(c_out), nn.ReLU()]
 
 
-_ARG = "model.init_args.backbone.init_args."  # how a config names a backbone option
-
-
-class VGG(nn.Module):
+class VGG(Backbone):
     """VGG-BN split at the seams ``stem -> body -> pool -> head``.
 
     ``stem`` is the first conv-BN-ReLU (``stem_channels`` = 64/d), ``body`` the remaining convs
@@ -54,7 +52,8 @@ class VGG(nn.Module):
         head: ``phdlab`` (PHD-LAB classifier) or ``linear`` (one Linear on the pooled features).
         dropout: dropout probability of the ``phdlab`` head.
 
-    Init (PHD-LAB, torchvision): convs Kaiming-normal fan_out, biases 0; BN 1/0; Linear N(0, 0.01), bias 0.
+    Init (PHD-LAB, torchvision; :meth:`init_weights`): convs Kaiming-normal fan_out, biases 0; BN 1/0;
+    Linear N(0, 0.01), bias 0.
     """
 
     def __init__(
@@ -68,11 +67,11 @@ class VGG(nn.Module):
         dropout: float = 0.25,
     ) -> None:
         super().__init__()
-        check_arg(depth in CONFIGS, _ARG + "depth", depth, f"one of {sorted(CONFIGS)}")
-        check_arg(width_divisor >= 1 and 64 % width_divisor == 0, _ARG + "width_divisor", width_divisor,
+        check_arg(depth in CONFIGS, ARG + "depth", depth, f"one of {sorted(CONFIGS)}")
+        check_arg(width_divisor >= 1 and 64 % width_divisor == 0, ARG + "width_divisor", width_divisor,
                   "a divisor of 64", "PHD-LAB's _S/_XS/_XXS/_XXXS are 2/4/8/16.")
-        check_arg(head in ("phdlab", "linear"), _ARG + "head", head, "'phdlab' or 'linear'")
-        check_arg(0.0 <= dropout < 1.0, _ARG + "dropout", dropout, "a probability in [0, 1)", "PHD-LAB uses 0.25.")
+        check_arg(head in ("phdlab", "linear"), ARG + "head", head, "'phdlab' or 'linear'")
+        check_arg(0.0 <= dropout < 1.0, ARG + "dropout", dropout, "a probability in [0, 1)", "PHD-LAB uses 0.25.")
         cfg = [v if v == "M" else int(v) // width_divisor for v in CONFIGS[depth]]
         c0 = int(cfg[0])
         self.stem_channels = c0
@@ -96,20 +95,8 @@ class VGG(nn.Module):
             )
         else:  # linear
             self.head = nn.Linear(c_in, num_classes)
+        self.init_weights(self)
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.body(self.stem(x)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+    def init_weights(self, module: nn.Module) -> nn.Module:
+        """Convs Kaiming-normal fan_out, Linear N(0, 0.01), biases 0, BN 1/0 (class doc)."""
+        return init_modules(module, conv=kaiming_normal("fan_out"), linear=normal(0.01))

@@ -31,7 +31,6 @@ ReLUs are not in-place so that forward hooks (probes) see unmodified tensors.
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
@@ -39,19 +38,18 @@ from torch import nn
 
 from manynets.errors import check_arg
 
-_ARG = "model.init_args.backbone.init_args."  # how a config names a backbone option
+from .base import (  # noqa: F401 (TRUNC_NORMAL_2SIGMA_STD re-exported)
+    ARG,
+    TRUNC_NORMAL_2SIGMA_STD,
+    Backbone,
+    he_trunc_normal_,
+    init_modules,
+    kaiming_normal,
+    make_linear,
+)
+
 Activation = Literal["relu", "prelu", "srelu"]
-
-# Standard deviation of a unit normal truncated to [-2, 2]: dividing the target std by it
-# makes the truncated draw have that std (MixMo ``mixmo/utils/torchutils.py``).
-TRUNC_NORMAL_2SIGMA_STD = 0.87962566103423978
-
-
-def he_trunc_normal_(weight: torch.Tensor) -> torch.Tensor:
-    """MixMo init: normal truncated to ±2σ with σ = sqrt(2 / fan_in) / 0.8796 (TF-style He)."""
-    fan_in = weight[0].numel()
-    std = math.sqrt(2.0 / fan_in) / TRUNC_NORMAL_2SIGMA_STD
-    return nn.init.trunc_normal_(weight, 0.0, std, -2.0 * std, 2.0 * std)
+Init = Literal["kaiming_fan_out", "mixmo"]
 
 
 class SReLU(nn.Module):
@@ -63,7 +61,11 @@ class SReLU(nn.Module):
 
     def __init__(self, channels: int, init: float = -1.0) -> None:
         super().__init__()
-        self.bias = nn.Parameter(torch.full((1, channels, 1, 1), float(init)))
+        self.init = float(init)
+        self.bias = nn.Parameter(torch.full((1, channels, 1, 1), self.init))
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self.bias, self.init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(x - self.bias) + self.bias
@@ -127,6 +129,9 @@ class WideBlock(nn.Module):
         else:
             self.shortcut = nn.Identity()
         self.alpha = nn.Parameter(torch.zeros(())) if skip_init else None
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                m.in_residual_block = True  # init_weights finds the block convs even in a copy of one conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv1(self.act1(self.bn1(x)))
@@ -136,7 +141,7 @@ class WideBlock(nn.Module):
         return out + self.shortcut(x)
 
 
-class WideResNet(nn.Module):
+class WideResNet(Backbone):
     """WRN-depth-width split at the seams ``stem -> body -> pool -> head``.
 
     Stages of (depth-4)/6 blocks with 16w/32w/64w channels and strides 1/2/2
@@ -170,6 +175,9 @@ class WideResNet(nn.Module):
             the block and shortcut convs (:func:`isometry_convs`): the init MIMOConv's ISO models
             intend (0.5 for MIMONet's PReLU, 0.45 for WideISONet) but never run, since that branch
             of the official code is dead (spec §1.10). None: ReLU gain.
+
+    :meth:`init_weights` applies all of ``init``, ``init_slope``, ``dirac_init`` and ``skip_init``
+    (module doc of :mod:`manynets.networks.base` for the order of draws).
     """
 
     def __init__(
@@ -192,16 +200,16 @@ class WideResNet(nn.Module):
         dropout: float = 0.0,
         stride_on: Literal["conv1", "conv2"] = "conv1",
         strided_conv_padding: Literal["same", "tf"] = "same",
-        init: Literal["kaiming_fan_out", "mixmo"] = "kaiming_fan_out",
+        init: Init = "kaiming_fan_out",
         init_slope: float | None = None,
     ) -> None:
         super().__init__()
-        check_arg(depth >= 10 and (depth - 4) % 6 == 0, _ARG + "depth", depth, "6n+4 >= 10 (10, 16, 22, 28, 40)")
-        check_arg(width >= 1, _ARG + "width", width, ">= 1 (the widening factor)", "WRN-28-10 has width 10.")
-        check_arg(initial_width >= 1, _ARG + "initial_width", initial_width, ">= 1", "MIMONet uses 4.")
-        check_arg(stem_stride >= 1, _ARG + "stem_stride", stem_stride, ">= 1")
-        check_arg(0.0 <= dropout < 1.0, _ARG + "dropout", dropout, "a probability in [0, 1)")
-        check_arg(activation in ("relu", "prelu", "srelu"), _ARG + "activation", activation,
+        check_arg(depth >= 10 and (depth - 4) % 6 == 0, ARG + "depth", depth, "6n+4 >= 10 (10, 16, 22, 28, 40)")
+        check_arg(width >= 1, ARG + "width", width, ">= 1 (the widening factor)", "WRN-28-10 has width 10.")
+        check_arg(initial_width >= 1, ARG + "initial_width", initial_width, ">= 1", "MIMONet uses 4.")
+        check_arg(stem_stride >= 1, ARG + "stem_stride", stem_stride, ">= 1")
+        check_arg(0.0 <= dropout < 1.0, ARG + "dropout", dropout, "a probability in [0, 1)")
+        check_arg(activation in ("relu", "prelu", "srelu"), ARG + "activation", activation,
                   "'relu', 'prelu' or 'srelu'")
         n = (depth - 4) // 6
         c0 = 16 * initial_width
@@ -233,32 +241,37 @@ class WideResNet(nn.Module):
                        make_activation(activation, c_in, activation_init)]
         self.body = nn.Sequential(*blocks)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = nn.Linear(self.feature_dim, num_classes)
+        self.head = make_linear(self.feature_dim, num_classes, default_init=init != "mixmo")
+        self.init, self.init_slope, self.dirac_init = init, init_slope, dirac_init
+        self.init_weights(self)
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                if init == "mixmo":
-                    he_trunc_normal_(m.weight)
-                else:
-                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        if init == "mixmo":
-            he_trunc_normal_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
-        if init_slope is not None and init == "kaiming_fan_out":
-            for conv in isometry_convs(self):
-                nn.init.kaiming_normal_(conv.weight, a=init_slope, mode="fan_out", nonlinearity="leaky_relu")
-        if dirac_init:
-            for conv in isometry_convs(self):
-                nn.init.dirac_(conv.weight)
+    def init_weights(self, module: nn.Module) -> nn.Module:
+        """The WRN recipe on ``module`` (any part or copy of a part), in place:
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.body(self.stem(x)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        1. ``init`` on every Conv2d and Linear (``kaiming_fan_out``: convs Kaiming fan_out, Linear
+           PyTorch default; ``mixmo``: both truncated He fan_in, biases 0); BN 1/0; PReLU slopes and
+           SReLU offsets back to ``activation_init``;
+        2. on the convs of the residual blocks in ``module`` (the :func:`isometry_convs`, also a copy of
+           one of them; a stem or head has none): ``init_slope`` re-draws them with the leaky-ReLU gain
+           (``kaiming_fan_out`` only), then ``dirac_init`` sets them to the identity;
+        3. ``skip_init``: every block's ``alpha`` back to 0.
+        """
+        mixmo = self.init == "mixmo"
+        conv = he_trunc_normal_ if mixmo else kaiming_normal("fan_out")
+        init_modules(module, conv=conv, linear=he_trunc_normal_ if mixmo else None)
+        blocks = [m for m in module.modules() if isinstance(m, WideBlock)]
+        convs = [c for c in module.modules() if isinstance(c, nn.Conv2d) and getattr(c, "in_residual_block", False)]
+        with torch.no_grad():
+            if self.init_slope is not None and not mixmo:
+                for c in convs:
+                    nn.init.kaiming_normal_(c.weight, a=self.init_slope, mode="fan_out", nonlinearity="leaky_relu")
+            if self.dirac_init:
+                for c in convs:
+                    nn.init.dirac_(c.weight)
+            for b in blocks:
+                if b.alpha is not None:
+                    b.alpha.zero_()
+        return module
 
 
 def isometry_convs(model: nn.Module) -> list[nn.Conv2d]:

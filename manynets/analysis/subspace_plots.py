@@ -1,14 +1,13 @@
-"""Figures of a subspace sweep (rows of :func:`manynets.callbacks.subspace_sweep.run_sweep`), saved as PNG.
+"""Figures of a subspace sweep (rows of :func:`manynets.analysis.subspace_sweep.run_sweep`).
 
-Lines and curves: ``subspace_sweep.png`` (accuracy, NLL, ECE of the point α against α, with the
-pair ensemble (α, 1 − α) against α for α ≤ 0.5) and ``subspace_diversity.png`` (TV distance
-and feature cos² of the pair). Simplexes: ``subspace_simplex.png`` (vertices, centroid and
+Lines and curves: ``subspace_sweep`` (accuracy, NLL, ECE of the point α against α, with the
+pair ensemble (α, 1 − α) against α for α ≤ 0.5) and ``subspace_diversity`` (TV distance
+and feature cos² of the pair). Simplexes: ``subspace_simplex`` (vertices, centroid and
 random points; ensemble accuracy against the number of random members, vertex ensemble).
+Accuracies are fractions. Saving and logging: :func:`manynets.analysis.outputs.save_figure`.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import matplotlib
 
@@ -16,14 +15,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def plot_sweep(rows: list[dict], kind: str, dirpath: Path) -> dict[str, "plt.Figure"]:
-    """Draw and save the figures; returns name -> Figure (left open for the logger)."""
-    dirpath = Path(dirpath)
-    dirpath.mkdir(parents=True, exist_ok=True)
+def sweep_figures(rows: list[dict], kind: str) -> dict[str, "plt.Figure"]:
+    """name -> Figure of the sweep (laid out, not saved)."""
     figures = _line_figures(rows, kind) if kind in ("line", "curve") else _simplex_figures(rows)
-    for name, fig in figures.items():
+    for fig in figures.values():
         fig.tight_layout()
-        fig.savefig(dirpath / f"{name}.png", dpi=120, bbox_inches="tight")
     return figures
 
 
