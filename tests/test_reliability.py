@@ -145,6 +145,23 @@ def test_training_loader_resumes_mid_epoch_and_augments_by_seed_epoch_and_image(
     assert torch.equal(state, torch.get_rng_state())  # iterating the loader draws nothing from the global generator
 
 
+def test_saved_training_position_applies_to_a_resumed_fit_only():
+    """Testing from an end-of-epoch checkpoint passes over the whole training set (BN recompute, sweeps)."""
+    import lightning.pytorch as pl
+
+    from manynets.datamodules.digits import DigitsDataModule
+
+    dm = DigitsDataModule(batch_size=32)
+    dm.setup("fit")
+    whole = len(dm.train_dataloader())
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    dm.trainer = trainer
+    for fn, expected in (("test", whole), ("fit", whole - 5)):
+        dm.load_state_dict({"train_position": {"epoch": 0, "batches": 5, "batch_size": 32}})
+        trainer.state.fn = fn
+        assert len(list(dm.train_dataloader())) == expected, fn
+
+
 # -- 3. everything of a run lives under its run directory ---------------------------------------------------
 
 

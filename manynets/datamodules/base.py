@@ -208,7 +208,10 @@ class ImageDataModule(pl.LightningDataModule):
             generator=torch.Generator().manual_seed(seed),
             progress=progress,
         )
-        if self._train_position is not None:
+        fitting = trainer is not None and trainer.state.fn == "fit"
+        if self._train_position is not None and fitting:
+            # only a resumed fit continues mid-epoch; test/validate passes over the training data (BN recompute,
+            # sweeps, probes) see the whole set
             loader.load_state_dict(self._train_position)
             self._train_position = None
         self._last_train_loader = loader
