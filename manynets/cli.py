@@ -42,8 +42,16 @@ from manynets.datamodules.base import ImageDataModule
 from manynets.errors import CheckpointMismatchError, ConfigError, ManynetsError, RunDirectoryError
 from manynets.lightning_modules.classifier import ClassifierModule
 from manynets.stacked_configs import check_config_files, reset_replaced_classes
+from manynets.shipped_configs import resolve_config_names
 
 _PROGRESS_BARS = ("RichProgressBar", "TQDMProgressBar")
+# Commands beside Lightning's fit / validate / test / predict: module with a ``main(argv) -> int``, help line.
+_OTHER_COMMANDS = {
+    "list": ("manynets.catalog", "the methods, backbones, data modules, callbacks and shipped configs"),
+    "report": ("manynets.report", "one table (Markdown, CSV, figures) of finished runs: `manynets report RUN_DIR...`"),
+    "grid": ("manynets.grid", "run every combination of a grid of options: `manynets grid --config grid.yaml`"),
+}
+EPILOG = "other commands:\n" + "\n".join(f"  {name:<8} {text}" for name, (_, text) in _OTHER_COMMANDS.items())
 DEBUG_ENV = "MANYNETS_DEBUG"
 
 
@@ -58,7 +66,11 @@ class ManynetsCLI(LightningCLI):
         kwargs.setdefault("seed_everything_default", 0)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
-        kwargs.setdefault("parser_kwargs", {"prog": "manynets", "exit_on_error": False, "allow_abbrev": False})
+        kwargs.setdefault(
+            "parser_kwargs",
+            {"prog": "manynets", "exit_on_error": False, "allow_abbrev": False, "epilog": EPILOG,
+             "formatter_class": argparse.RawDescriptionHelpFormatter},
+        )
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -282,12 +294,12 @@ def _print_config_checked(argv: list[str]) -> None:
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``manynets`` console script and ``python -m manynets``."""
     argv = sys.argv[1:] if args is None else list(args)
-    if argv[:1] == ["grid"]:  # `manynets grid --config grid.yaml`: see manynets/grid.py
-        from manynets.grid import main as grid_main
-
-        raise SystemExit(grid_main(argv[1:]))
+    if argv[:1] and argv[0] in _OTHER_COMMANDS:  # list / report / grid: see their modules
+        command = importlib.import_module(_OTHER_COMMANDS[argv[0]][0])
+        raise SystemExit(command.main(argv[1:]))
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     try:
+        argv = resolve_config_names(argv)
         check_config_files(argv)
         argv = reset_replaced_classes(argv)
         if any(a.startswith("--print_config") for a in argv):

@@ -37,7 +37,8 @@ LEVELS = {
     "cuda_ops": 1,
     "errors": 0, "metrics": 0, "random_state": 0,
 }  # fmt: skip
-GROUPS = {"__main__": "cli", "grid": "cli", "stacked_configs": "cli"}
+GROUPS = {"__main__": "cli", "grid": "cli", "stacked_configs": "cli", "catalog": "cli", "report": "cli",
+          "shipped_configs": "cli"}
 """Top-level modules that belong to a level's group: the command line's entry point and helpers."""
 
 
