@@ -1,20 +1,29 @@
-"""MIMOConv superposition: throughput per n, training-step cost and the binding op, in one process.
+"""MIMOConv superposition: inference scaling with n, its per-part time, the training step and the binding op.
 
-Tables (BENCHMARKS.md targets in brackets):
+Tables (BENCHMARKS.md targets in brackets), each at every ``--threads`` count:
 
-1. Inference images/s (eval, no grad) of an N = 4 HRR MIMONet at n = 1, 2, 4 and of the plain
-   WideResNet of the same depth/width (N = 1, no binding), ratios to n = 1 [n=4 / n=1 >= 3.9].
-2. Training step (forward, loss incl. R_bind and R_iso, backward, SGD step) of the N = 4 model on
-   128 images (32 superposed maps in the body) against the N = 1 model on 32 images [<= 2.0x].
-3. HRR bind-and-bundle: our FFT custom op against the official grouped Conv1d formulation (forward,
-   and forward + backward), and the binding's share of the N = 4 training step [<= 5 %].
+1. ``inference``: eval forward (inference_mode) images/s of an N = 4 HRR MIMONet (default MIMONet-16,
+   width 2, initial width 4) at n = 1, 2, 4 and the ratio n=4 / n=1 [>= 3.9], in two configurations:
+   *official* (the body sees ``--maps`` = 128 superposed maps at every n: 128·n images, as the
+   official evaluation with batch 128·N) and *same images* (128 images at every n). Three paths,
+   all interleaved: ``now`` (``forward_superposed``: on a CPU the stem is one GEMM with its BN folded,
+   bound in chunks of 16 images while in cache), ``before`` (the previous path: the stem module on the
+   whole batch, then the binding) and, with ``--official``, ``official formulation`` (re-implemented
+   from spec §1.1-1.2, not the official code: slots repeated r times, grouped-Conv1d binding, 1x1-conv
+   unbinding; slow on a CPU).
+2. ``parts``: milliseconds per part (stem, binding, body+pool, unbinding, head) of ``before`` and
+   ``now`` at n = 1 and n = 4 of the official configuration, and the stem's GMAC/s.
+3. ``train``: training step (forward, loss incl. R_bind and R_iso, backward, SGD step) of the N = 4
+   model on 128 images (32 superposed maps in the body) against the N = 1 model on 32 images [<= 2.0x].
+4. ``binding``: HRR bind-and-bundle, our custom op against the official grouped Conv1d formulation
+   (forward, and forward + backward), and the binding's share of the N = 4 training step [<= 5 %].
 
-Timings are medians over rounds that alternate between the compared models, to cancel drift on a
-shared machine (each round times ``steps`` calls).
+Timings are medians over rounds that alternate between the compared variants, to cancel drift on a
+shared machine (each round times ``--steps`` calls).
 
-    python benchmarks/superposition.py                     # CPU, 2 threads, MIMONet-16 and -28 width 2
-    python benchmarks/superposition.py --depths 16 --rounds 3
-    python benchmarks/superposition.py --device cuda --width 10
+    python benchmarks/superposition.py                              # CPU, 1 and 2 threads, all tables
+    python benchmarks/superposition.py --tables inference parts --threads 1 --rounds 7
+    python benchmarks/superposition.py --device cuda --width 10 --threads 1
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from manynets.cuda_ops.binding import (
     hrr_bind_bundle,
     key_to_conv1d_weight,
 )
+from manynets.layers.conv_gemm import ConvBNReLU
 from manynets.lightning_modules import SuperpositionModule
 from manynets.networks import WideResNet
 
@@ -70,18 +80,117 @@ def mimonet(depth: int, width: int, capacity: int, binding: str, device: torch.d
     return module.to(device)
 
 
-def inference_table(depth: int, width: int, batch: int, device, steps: int, rounds: int) -> list[str]:
+def previous_forward(model: SuperpositionModule, x: torch.Tensor, n: int, parts: dict | None = None) -> torch.Tensor:
+    """The evaluation forward before the chunked GEMM stem: the stem module (conv, BN, ReLU) on the whole
+    batch, then the binding (HRR: one circulant GEMM over the slots), body, pool, unbinding, head."""
+    net = model.network
+    steps = [("stem", net.stem), ("binding", lambda y: model.binding(y.view(y.shape[0] // n, n, *y.shape[1:]))),
+             ("body", lambda y: net.pool(net.body(y))), ("unbinding", lambda y: model.unbinding(y, n)),
+             ("head", net.head)]  # fmt: skip
+    return _run_parts(steps, x, parts)
+
+
+def current_forward(model: SuperpositionModule, x: torch.Tensor, n: int, parts: dict | None = None) -> torch.Tensor:
+    """``forward_superposed`` as it runs in evaluation on a CPU: stem (one GEMM, BN folded) and binding in
+    chunks of STEM_CHUNK_IMAGES images, then body, pool, unbinding, head; split into timed parts."""
+    net, stem = model.network, model._eval_stem_gemm(x)
+    if stem is None:  # not a CPU: forward_superposed runs the previous path
+        return previous_forward(model, x, n, parts)
+    steps = [("stem+binding", lambda y: model._stem_and_bind_in_chunks(y, n, stem)),
+             ("body", lambda y: net.pool(net.body(y))), ("unbinding", lambda y: model.unbinding(y, n)),
+             ("head", net.head)]  # fmt: skip
+    return _run_parts(steps, x, parts)
+
+
+def official_forward(model: SuperpositionModule, x: torch.Tensor, n: int) -> torch.Tensor:
+    """The official formulation (spec §1.1-1.2, re-implemented here, not the official code): stem module,
+    slots repeated r = N/n times, each bound by the grouped Conv1d, summed, body, 1x1-conv unbinding
+    (as a Linear), mean over r, head."""
+    net, cap = model.network, model.capacity
+    y = net.stem(x)
+    slots = y.view(y.shape[0] // n, n, *y.shape[1:]).repeat(1, cap // n, 1, 1, 1)
+    weight = key_to_conv1d_weight(model.binding.keys)[:, None]
+    features = net.pool(net.body(grouped_conv1d_bind(slots, weight).sum(1)))
+    unbound = torch.relu(model.unbinding.linear(features)).view(features.shape[0], cap // n, n, -1).mean(1)
+    return net.head(unbound.reshape(x.shape[0], -1))
+
+
+def _run_parts(steps, x, parts: dict | None):
+    for name, fn in steps:
+        start = time.perf_counter()
+        x = fn(x)
+        if parts is not None:
+            parts.setdefault(name, []).append(time.perf_counter() - start)
+    return x
+
+
+def inference_table(depth: int, width: int, maps: int, device, steps: int, rounds: int,
+                    official: bool = False) -> list[str]:
+    """images/s at n = 1, 2, 4 of the N = 4 HRR MIMONet, before (previous_forward) and now
+    (forward_superposed), at the official configuration (the body sees ``maps`` superposed maps at every
+    n: maps·n images) and with the same ``maps`` images at every n; all variants interleaved."""
     model = mimonet(depth, width, 4, "hrr", device).eval()
-    plain = mimonet(depth, width, 1, "none", device).eval()
-    x = torch.randn(batch, 3, 32, 32, device=device)
-    fns = {f"n={n}": (lambda n=n: model.forward_superposed(x, n)) for n in (1, 2, 4)}
-    fns["plain"] = lambda: plain.forward_superposed(x, 1)
+    images = torch.randn(maps * 4, 3, 32, 32, device=device)
+    configs = {"official": {n: images[: maps * n] for n in (1, 2, 4)},
+               "same images": {n: images[:maps] for n in (1, 2, 4)}}  # fmt: skip
+    paths = {"before": previous_forward, "now": lambda m, x, n: m.forward_superposed(x, n)}
+    if official:  # slow on a CPU (the grouped Conv1d binds all N slots at every n): opt-in
+        paths = {"official formulation": official_forward, **paths}
+    fns = {(c, p, n): (lambda x=x, n=n, f=f: f(model, x, n))
+           for c, xs in configs.items() for p, f in paths.items() for n, x in xs.items()}
     with torch.inference_mode():
+        now = model.forward_superposed(images, 4)
+        assert torch.allclose(now, previous_forward(model, images, 4), rtol=1e-4, atol=1e-4 * now.abs().max().item())
         t = alternate(fns, device, steps, rounds)
-    ips = {k: batch / v for k, v in t.items()}
-    rows = [f"MIMONet-{depth}-{width} N=4 HRR, eval, batch {batch}"]
-    for k in ("plain", "n=1", "n=2", "n=4"):
-        rows.append(f"  {k:6s} {ips[k]:9.1f} img/s   x{ips[k] / ips['n=1']:.2f} vs n=1   x{ips[k] / ips['plain']:.2f} vs plain")
+    rows = [f"MIMONet-{depth}-{width} (initial width 4) N=4 HRR, eval forward under inference_mode, "
+            f"{torch.get_num_threads()} thread(s); images/s (time of the whole forward, median of {rounds} "
+            f"interleaved rounds of {steps} calls)",
+            f"  {'configuration':38s} {'path':22s} {'n=1':>8s} {'n=2':>8s} {'n=4':>8s}  n=4/n=1 (target >= 3.9)"]  # fmt: skip
+    for c, xs in configs.items():
+        label = (f"official: body sees {maps} maps ({maps}·n images)" if c == "official"
+                 else f"same images: {maps} images at every n")
+        for p in paths:
+            ips = {n: xs[n].shape[0] / t[(c, p, n)] for n in xs}
+            rows.append(f"  {label:38s} {p:22s} {ips[1]:8.1f} {ips[2]:8.1f} {ips[4]:8.1f}  x{ips[4] / ips[1]:.2f}")
+    return rows
+
+
+def parts_table(depth: int, width: int, maps: int, device, rounds: int) -> list[str]:
+    """Milliseconds per part of the forward at the official configuration, before and now, n = 1 and 4
+    (interleaved; the GEMM stem and the binding are also timed apart, on the whole batch)."""
+    model = mimonet(depth, width, 4, "hrr", device).eval()
+    images = torch.randn(maps * 4, 3, 32, 32, device=device)
+    parts: dict = {}
+    stem = ConvBNReLU.match(model.network.stem)
+
+    def gemm_stem_then_binding(x, n):
+        _run_parts([("  GEMM stem (whole batch)", stem),
+                    ("  binding (whole batch)", lambda y: model.binding.bind_stacked(
+                        y.view(y.shape[0] // n, n * y.shape[1], -1), n))], x, parts[("now", n)])  # fmt: skip
+
+    with torch.inference_mode():
+        for _ in range(rounds + 1):
+            for n in (1, 4):
+                x = images[: maps * n]
+                previous_forward(model, x, n, parts.setdefault(("before", n), {}))
+                current_forward(model, x, n, parts.setdefault(("now", n), {}))
+                gemm_stem_then_binding(x, n)
+    med = {k: {p: statistics.median(v[1:]) * 1e3 for p, v in d.items()} for k, d in parts.items()}
+    rows = [f"Per-part time (ms, median of {rounds} interleaved rounds, first dropped), MIMONet-{depth}-{width} N=4 HRR, "
+            f"official configuration (n=1: {maps} images, n=4: {maps * 4} images), {torch.get_num_threads()} thread(s)",
+            f"  {'part':28s} {'before n=1':>11s} {'before n=4':>11s} {'now n=1':>9s} {'now n=4':>9s}"]  # fmt: skip
+    names = ["stem", "binding", "stem+binding", "  GEMM stem (whole batch)", "  binding (whole batch)", "body",
+             "unbinding", "head"]  # fmt: skip
+    for name in names:
+        cells = [med[(p, n)].get(name) for p in ("before", "now") for n in (1, 4)]
+        rows.append(f"  {name:28s} " + " ".join(f"{'-' if c is None else f'{c:.1f}':>{w}s}"
+                                                 for c, w in zip(cells, (11, 11, 9, 9))))  # fmt: skip
+    totals = {k: sum(v for p, v in d.items() if not p.startswith("  ")) for k, d in med.items()}
+    rows.append(f"  {'total':28s} {totals[('before', 1)]:11.1f} {totals[('before', 4)]:11.1f} "
+                f"{totals[('now', 1)]:9.1f} {totals[('now', 4)]:9.1f}")
+    macs = 27 * model.network.stem_channels * 32 * 32 * maps * 4  # the n = 4 stem
+    rows.append(f"  stem conv rate at n=4: before {macs / med[('before', 4)]['stem'] / 1e6:.1f} GMAC/s, "
+                f"GEMM {macs / med[('now', 4)]['  GEMM stem (whole batch)'] / 1e6:.1f} GMAC/s (BN and ReLU included)")
     return rows
 
 
@@ -139,25 +248,36 @@ def binding_table(channels: int, groups: int, size: int, device, steps: int, rou
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--depths", type=int, nargs="+", default=[16, 28])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="each table runs at each count")
+    parser.add_argument("--depths", type=int, nargs="+", default=[16])
     parser.add_argument("--width", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=128, help="images per inference call")
-    parser.add_argument("--steps", type=int, default=3, help="calls per timed round")
+    parser.add_argument("--maps", type=int, default=128, help="superposed maps in the body per inference call")
+    parser.add_argument("--steps", type=int, default=1, help="calls per timed round")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--official", action="store_true",
+                        help="add the official formulation to the inference table (slow on a CPU)")
+    parser.add_argument("--tables", nargs="+", default=["inference", "parts", "train", "binding"],
+                        choices=["inference", "parts", "train", "binding"])
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     device = torch.device(args.device)
-    print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads; medians of "
-          f"{args.rounds} alternating rounds of {args.steps} calls")
-    train_step = None
-    for depth in args.depths:
-        print("\n".join(inference_table(depth, args.width, args.batch, device, args.steps, args.rounds)))
-        rows, step = train_table(depth, args.width, device, args.steps, args.rounds)
-        print("\n".join(rows))
-        train_step = train_step or step  # binding share against the first (smallest) network
-    print("\n".join(binding_table(64, 32, 32, device, args.steps, args.rounds, train_step)))
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        torch.manual_seed(0)
+        print(f"\ntorch {torch.__version__}, device {device}, {torch.get_num_threads()} thread(s); medians of "
+              f"{args.rounds} alternating rounds of {args.steps} call(s)")
+        train_step = None
+        for depth in args.depths:
+            if "inference" in args.tables:
+                print("\n".join(inference_table(depth, args.width, args.maps, device, args.steps, args.rounds,
+                                                 args.official)))
+            if "parts" in args.tables:
+                print("\n".join(parts_table(depth, args.width, args.maps, device, args.rounds)))
+            if "train" in args.tables:
+                rows, step = train_table(depth, args.width, device, args.steps, args.rounds)
+                print("\n".join(rows))
+                train_step = train_step or step  # binding share against the first (smallest) network
+        if "binding" in args.tables:
+            print("\n".join(binding_table(64, 32, 32, device, args.steps, args.rounds, train_step)))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The ``manynets`` command: Lightning's CLI over our modules and data modules.
 
 ``manynets fit --config configs/quickstart/digits.yaml`` then
-``manynets test --config configs/quickstart/digits.yaml --ckpt_path <run>/checkpoints/last.ckpt``.
+``manynets test --config configs/quickstart/digits.yaml --ckpt_path <run>/checkpoints/last.ckpt``
+(or ``manynets fit ... --test_after_fit=true``: the test of ``last.ckpt`` right after training).
 Subcommands ``fit / validate / test / predict``; ``--config`` repeats; ``--print_config``.
 ``model`` and ``data`` take any subclass of :class:`ClassifierModule` / :class:`ImageDataModule`
 by class path (short names work for the classes manynets ships). ``data.num_classes`` and
@@ -9,10 +10,15 @@ by class path (short names work for the classes manynets ships). ``data.num_clas
 :class:`~manynets.callbacks.RunCheckpoint` (``last.ckpt`` always the newest state + best by ``val/acc``).
 
 A run lives in its run directory, ``trainer.default_root_dir``: logs, ``config.yaml`` and
-``checkpoints/`` (unless ``checkpoint.dirpath`` is given). ``fit`` refuses a checkpoint directory
-that already holds checkpoints unless it resumes (``--ckpt_path last``) or ``--overwrite=true``;
-``validate/test/predict`` refuse to evaluate initial weights unless ``--ckpt_path`` is given or
-``--allow_untrained=true``. Every expected error is one ``manynets: error: ...`` line and exit
+``checkpoints/`` (unless ``checkpoint.dirpath`` is given); TensorBoard, CSV and W&B loggers write under it
+unless their ``save_dir`` says otherwise; every ``test`` writes ``results.json`` (:func:`write_results`) and
+``predict`` writes ``predictions.csv`` (:class:`~manynets.callbacks.PredictionWriter`) into it. Default
+callbacks: a progress bar (Lightning's RichProgressBar on a terminal, plain lines otherwise:
+:class:`~manynets.callbacks.progress.PlainProgress`), LearningRateMonitor (``lr/decay``, ``lr/no_decay``),
+TensorBoard's ``hp_metric`` = the monitored metric, a model summary without Lightning's all-zero FLOPs.
+``fit`` refuses a checkpoint directory that already holds checkpoints unless it resumes (``--ckpt_path last``)
+or ``--overwrite=true``; ``validate/test/predict`` refuse to evaluate initial weights unless ``--ckpt_path`` is
+given or ``--allow_untrained=true``. Every expected error is one ``manynets: error: ...`` line and exit
 status 2; ``MANYNETS_DEBUG=1`` shows the traceback.
 """
 
@@ -20,23 +26,31 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import logging
 import os
 import re
 import sys
 import uuid
 import warnings
+from datetime import datetime, timezone
 from pathlib import Path
 
+import lightning.pytorch as pl
 import torch
 from jsonargparse import Namespace
 from lightning.fabric.utilities.rank_zero import _get_rank
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelSummary, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 import manynets.callbacks  # noqa: F401  (short class names in configs)
 import manynets.datamodules  # noqa: F401
 import manynets.lightning_modules  # noqa: F401
 import manynets.networks  # noqa: F401
+from manynets.callbacks.hp_metric import MonitoredHpMetric
+from manynets.callbacks.model_summary import ParameterSummary
+from manynets.callbacks.progress import PlainProgress
 from manynets.callbacks.run_checkpoint import RunCheckpoint
 from manynets.datamodules.base import ImageDataModule
 from manynets.errors import CheckpointMismatchError, ConfigError, ManynetsError, RunDirectoryError
@@ -44,7 +58,9 @@ from manynets.lightning_modules.classifier import ClassifierModule
 from manynets.stacked_configs import check_config_files, reset_replaced_classes
 from manynets.shipped_configs import resolve_config_names
 
-_PROGRESS_BARS = ("RichProgressBar", "TQDMProgressBar")
+_RUN_DIR_LOGGERS = ("CSVLogger", "TensorBoardLogger", "WandbLogger")
+"""Loggers whose ``save_dir`` defaults to the run directory (an empty ``save_dir`` means it too)."""
+RESULTS_FILE = "results.json"
 # Commands beside Lightning's fit / validate / test / predict: module with a ``main(argv) -> int``, help line.
 _OTHER_COMMANDS = {
     "list": ("manynets.catalog", "the methods, backbones, data modules, callbacks and shipped configs"),
@@ -94,6 +110,12 @@ class ManynetsCLI(LightningCLI):
         parser.add_argument(
             "--allow_untrained", type=bool, default=False,
             help="validate/test/predict: evaluate the initial weights on purpose (no --ckpt_path).",
+        )
+        parser.add_argument(
+            "--test_after_fit", type=bool, default=False,
+            help="fit: test the last checkpoint (last.ckpt, the state at the end of training, as the shipped "
+                 "configs' published numbers) right after training, into the same run directory and logger "
+                 "version as the training curves; writes results.json like `manynets test`.",
         )
 
     # -- before anything is built -------------------------------------------------------
@@ -157,17 +179,114 @@ class ManynetsCLI(LightningCLI):
             )
 
     def before_instantiate_classes(self) -> None:
-        """Add a rich progress bar and a learning-rate monitor unless disabled or already there."""
-        trainer = self.config[self.subcommand].trainer if self.subcommand else self.config.trainer
+        """Loggers under the run directory; default callbacks (part of the saved config.yaml) unless disabled or
+        already there: LearningRateMonitor, ReliabilityDiagram for test (and fit with test_after_fit),
+        PredictionWriter for predict."""
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = cfg.trainer
+        root = str(Path(trainer.default_root_dir or os.getcwd()).expanduser())
+        for logger in trainer.logger if isinstance(trainer.logger, list) else [trainer.logger]:
+            _default_save_dir(logger, root)
         callbacks = list(trainer.callbacks or [])
+        classes = [_class(c) for c in callbacks]
         names = {str(getattr(c, "class_path", "")).rsplit(".", 1)[-1] for c in callbacks}
-        if trainer.enable_progress_bar is not False and not names.intersection(_PROGRESS_BARS):
-            callbacks.append(Namespace(class_path="lightning.pytorch.callbacks.RichProgressBar", init_args=Namespace()))
+
+        def add(class_path: str) -> None:
+            callbacks.append(Namespace(class_path=class_path, init_args=Namespace()))
+
         if trainer.logger is not False and "LearningRateMonitor" not in names:
-            callbacks.append(
-                Namespace(class_path="lightning.pytorch.callbacks.LearningRateMonitor", init_args=Namespace())
-            )
+            add("lightning.pytorch.callbacks.LearningRateMonitor")
+        testing = self.subcommand == "test" or (self.subcommand == "fit" and cfg.get("test_after_fit"))
+        if testing and hasattr(manynets.callbacks, "ReliabilityDiagram") and "ReliabilityDiagram" not in names:
+            add("manynets.callbacks.ReliabilityDiagram")
+        if self.subcommand == "predict" and not any(isinstance(c, type) and issubclass(c, BasePredictionWriter)
+                                                    for c in classes):  # fmt: skip
+            add("manynets.callbacks.PredictionWriter")
         trainer.callbacks = callbacks
+
+    def instantiate_trainer(self, **kwargs) -> pl.Trainer:
+        """Callbacks of this session only (not in config.yaml): the progress bar that fits the output
+        (RichProgressBar on a terminal, PlainProgress lines otherwise), a model summary without the FLOPs
+        column of zeros, TensorBoard's hp_metric = the monitored metric."""
+        config = (self.config_init[self.subcommand] if self.subcommand else self.config_init).trainer
+        given = config.callbacks if isinstance(config.callbacks, list) else [c for c in [config.callbacks] if c]
+        session = []
+        if config.enable_progress_bar is not False and not any(isinstance(c, ProgressBar) for c in given):
+            session.append(RichProgressBar() if sys.stdout.isatty() else PlainProgress())
+        if config.enable_model_summary is not False and not any(isinstance(c, ModelSummary) for c in given):
+            session.append(ParameterSummary())
+            kwargs["enable_model_summary"] = False  # Lightning's own summary, and its note about ours, stay off
+        if config.logger is not False:
+            session.append(MonitoredHpMetric())
+        return super().instantiate_trainer(callbacks=[*given, *session], **kwargs)
+
+    # -- after the command ----------------------------------------------------------------
+    def after_fit(self) -> None:
+        """``--test_after_fit=true``: test ``last.ckpt`` (else the weights in memory) with the same trainer, so
+        the test metrics go to the logger version of the training curves; then write results.json."""
+        cfg = self.config["fit"]
+        if not cfg.get("test_after_fit") or self.trainer.interrupted:
+            return
+        last = Path(cfg.checkpoint.dirpath) / "last.ckpt"
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=str(last) if last.is_file() else None)
+        self.after_test()
+
+    def after_test(self) -> None:
+        if self.trainer.is_global_zero:
+            path = write_results(self.trainer, self.config[self.subcommand])
+            print(f"results: {path}", flush=True)
+
+
+def _default_save_dir(logger: object, root: str) -> None:
+    """A TensorBoard, CSV or W&B logger without ``save_dir`` (or ``""``; W&B: ``"."``, its default, and no
+    ``dir``) writes into the run directory ``root``."""
+    name = str(getattr(logger, "class_path", "")).rsplit(".", 1)[-1]
+    args = getattr(logger, "init_args", None)
+    if name not in _RUN_DIR_LOGGERS or args is None:
+        return
+    unset = (None, "", ".") if name == "WandbLogger" else (None, "")
+    if args.get("save_dir") in unset and not args.get("dir"):
+        args.save_dir = root
+
+
+def _class(callback: object) -> type | None:
+    """The class named by a callback's ``class_path`` (None if it cannot be imported)."""
+    module, _, name = str(getattr(callback, "class_path", "")).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name) if module else None
+    except (ImportError, AttributeError):
+        return None
+
+
+def write_results(trainer: pl.Trainer, cfg: Namespace) -> Path:
+    """``<run dir>/results.json`` of the test that has just run (read by ``manynets report``)::
+
+        {"config": [--config files], "ckpt_path": str or null, "model": class path, "backbone": class path
+         or null, "data": class path, "epochs": training epochs the checkpoint completed, "global_step": int,
+         "metrics": {"test/...": float}, "finished": ISO time (UTC)}
+    """
+    ckpt_path = trainer.ckpt_path
+    state = {}
+    if ckpt_path and Path(ckpt_path).is_file():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    progress = state.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {})
+    model = cfg.model
+    backbone = model.get("init_args", Namespace()).get("backbone") if isinstance(model, Namespace) else None
+    results = {
+        "config": [os.path.abspath(str(path)) for path in cfg.get("config") or [] if path is not None],
+        "ckpt_path": os.path.abspath(ckpt_path) if ckpt_path else None,
+        "model": model.get("class_path") if isinstance(model, Namespace) else None,
+        "backbone": backbone.get("class_path") if isinstance(backbone, Namespace) else None,
+        "data": cfg.data.get("class_path") if isinstance(cfg.get("data"), Namespace) else None,
+        "epochs": int(progress.get("processed", state.get("epoch", -1) + 1 if state else 0)),
+        "global_step": int(state.get("global_step", 0)),
+        "metrics": {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k.startswith("test/")},
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    path = Path(trainer.default_root_dir).resolve() / RESULTS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    return path
 
 
 def _is_rank_zero() -> bool:
@@ -291,6 +410,45 @@ def _print_config_checked(argv: list[str]) -> None:
     ManynetsCLI(args=rest, run=False)
 
 
+def _logger_save_dirs(argv: list[str]) -> list[str]:
+    """After ``--trainer.logger=<CSV/TensorBoard/W&B logger class>`` add an empty ``save_dir`` (the run
+    directory, see :func:`_default_save_dir`), which the CSV and TensorBoard loggers require; a later
+    ``--trainer.logger.init_args.save_dir`` still wins."""
+    out = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        value = arg.partition("=")[2] if arg.startswith("--trainer.logger=") else None
+        if arg == "--trainer.logger" and i + 1 < len(argv):
+            continue
+        if i and argv[i - 1] == "--trainer.logger":
+            value = arg
+        if value and value.rsplit(".", 1)[-1] in _RUN_DIR_LOGGERS:
+            out.append("--trainer.logger.init_args.save_dir=")
+    return out
+
+
+class _DropMessage(logging.Filter):
+    """Drop the log records whose message contains ``text``."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+def _quiet_known_messages() -> None:
+    """Silence what every run printed without meaning anything here: Lightning's tip to install litlogger,
+    torch's deprecation of ``LeafSpec`` (Lightning's own pytree code calls it). The model summary's FLOPs
+    column of zeros goes by :class:`ParameterSummary`."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessage) for f in logger.filters):
+            logger.addFilter(_DropMessage("try installing [litlogger]"))
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``manynets`` console script and ``python -m manynets``."""
     argv = sys.argv[1:] if args is None else list(args)
@@ -298,8 +456,10 @@ def main(args: list[str] | None = None) -> None:
         command = importlib.import_module(_OTHER_COMMANDS[argv[0]][0])
         raise SystemExit(command.main(argv[1:]))
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    _quiet_known_messages()
     try:
         argv = resolve_config_names(argv)
+        argv = _logger_save_dirs(argv)
         check_config_files(argv)
         argv = reset_replaced_classes(argv)
         if any(a.startswith("--print_config") for a in argv):

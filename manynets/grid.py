@@ -16,6 +16,10 @@ Each run gets ``--trainer.default_root_dir=<root>/<name>`` and ``--checkpoint.di
 with ``<name>`` built from the varying keys (e.g. ``depth=11``). A run is finished when
 ``<root>/<name>/done`` exists (written after it exits with status 0); an unfinished run with a
 ``checkpoints/last.ckpt`` is resumed with ``--ckpt_path``.
+
+The grid file and its ``configs`` entries may be shipped configs named as ``--config`` takes them
+(``manynets grid --config probe/grid_vgg``; ``configs: [probe/cifar10_vgg_probes]``): each run's
+``manynets fit`` resolves the names (:func:`manynets.shipped_configs.resolve_config_names`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ import sys
 from pathlib import Path
 
 import yaml
+
+from manynets.shipped_configs import find_config
 
 
 def _value(v) -> str:
@@ -81,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", action="store_true", help="run the commands one after the other (default: print)")
     parser.add_argument("--stop-on-error", action="store_true", help="stop at the first failing run")
     ns = parser.parse_args(argv)
-    path = Path(ns.config)
+    path = find_config(ns.config) or Path(ns.config)
     if not path.is_file():
         print(f"manynets grid: error: grid file '{path}' not found", file=sys.stderr)
         return 2

@@ -88,7 +88,7 @@ def config_metadata(path: str | Path) -> dict[str, Any]:
     description = next((line.lstrip("# ").strip() for line in header if line.lstrip("# ").strip()), "")
     published = []
     for line in header:
-        if not line.lower().startswith(PUBLISHED_PREFIX):
+        if not line.startswith(PUBLISHED_PREFIX):
             continue
         try:
             entry = yaml.safe_load(line[len(PUBLISHED_PREFIX):])

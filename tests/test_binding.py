@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from manynets.cuda_ops.binding import (
+    MATMUL_MAX_CHANNELS,
     conv1d_weight_to_key,
     grouped_conv1d_bind,
     hrr_bind,
@@ -250,3 +251,28 @@ def test_isometry_zero_for_dirac_conv():
     other = nn.Conv2d(8, 8, 3, padding=1, bias=False)
     assert isometry_regularization([conv]).item() == 0.0
     assert isometry_regularization([conv, other]).item() == pytest.approx(conv_isometry_penalty(other.weight).item())
+
+
+@pytest.mark.parametrize("kind", ["hrr", "mbat", "none", "hrr_fft"])
+def test_bind_stacked_is_one_matrix_over_the_stacked_slots(kind):
+    """``bind_stacked`` of groups stored (G, n·C, P) equals the binding of (G, n, C, H, W), with and
+    without ``out``, at every n; HRR from MATMUL_MAX_CHANNELS channels has no matrix (its FFT path)."""
+    torch.manual_seed(0)
+    capacity, c = 4, (MATMUL_MAX_CHANNELS if kind == "hrr_fft" else 6)
+    layer = {"hrr": HRRBinding, "hrr_fft": HRRBinding, "mbat": MBATBinding, "none": SumBinding}[kind](capacity, c)
+    layer = layer.double()
+    for n in (1, 2, 4):
+        x = torch.randn(3, n, c, 2, 3, dtype=torch.float64)
+        ref = layer(x)
+        if kind == "hrr":  # the slot sum of circulant products, built independently of circulant()
+            keys = repeated_slot_sum(layer.keys.detach(), n)
+            idx = (torch.arange(c)[:, None] - torch.arange(c)[None, :]) % c
+            direct = sum(torch.einsum("mt,gthw->gmhw", keys[j][idx], x[:, j]) for j in range(n))
+            assert torch.allclose(ref, direct, atol=1e-12)
+        assert (layer.stacked_matrix(n) is None) == (kind == "hrr_fft")
+        stacked = x.reshape(3, n * c, 6)
+        out = torch.full((5, c, 6), float("nan"), dtype=torch.float64)
+        assert torch.allclose(layer.bind_stacked(stacked, n).view_as(ref), ref, atol=1e-12)
+        with torch.no_grad():  # out= takes no autograd (torch raises)
+            layer.bind_stacked(stacked, n, out=out[1:4])
+        assert torch.allclose(out[1:4].view_as(ref), ref, atol=1e-12) and out[0].isnan().all()

@@ -142,3 +142,26 @@ def test_bad_input_is_named():
         StreamingCovariance(4).update(torch.randn(3, 5))
     with pytest.raises(RuntimeError, match="no batch"):
         StreamingCovariance(4).covariance()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_conv_maps_update_equals_the_channelwise_reshape(dtype):
+    """``update_maps`` (the (C, B*H*W) layout written once) == ``update`` of the (B*H*W, C) reshape, for
+    contiguous and channels_last maps, in both product dtypes."""
+    g = torch.Generator().manual_seed(3)
+    maps = [torch.randn(b, 5, 3, 4, generator=g) * torch.arange(1.0, 6.0)[:, None, None] + 50 for b in (2, 1, 6)]
+    reference = StreamingCovariance(5, matmul_dtype=dtype)
+    by_maps = StreamingCovariance(5, matmul_dtype=dtype)
+    channels_last = StreamingCovariance(5, matmul_dtype=dtype)
+    for x in maps:
+        reference.update(layer_samples(x))
+        by_maps.update_maps(x)
+        channels_last.update_maps(x.contiguous(memory_format=torch.channels_last))
+    rows = np.concatenate([x.permute(0, 2, 3, 1).reshape(-1, 5).double().numpy() for x in maps])
+    expected = np.cov(rows, rowvar=False, bias=True)
+    for cov in (by_maps, channels_last):
+        assert cov.n == reference.n == len(rows)
+        np.testing.assert_allclose(cov.covariance().numpy(), expected, rtol=1e-5 if dtype == torch.float32 else 1e-10)
+        np.testing.assert_allclose(cov.mean().numpy(), rows.mean(0), rtol=1e-12)
+    with pytest.raises(ValueError, match=r"expected \(B, 5, ...\)"):
+        by_maps.update_maps(torch.randn(2, 4, 3, 3))

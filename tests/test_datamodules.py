@@ -366,7 +366,7 @@ def test_cli_lists_every_base_argument_with_its_description(cls):
     parser.add_class_arguments(cls, "data")
     helps = {a.dest: a.help for a in parser._actions}
     assert set(BASE) == {"data_dir", "batch_size", "eval_batch_size", "val_split", "augment", "num_workers",
-                         "pin_memory", "persistent_workers", "seed", "mean", "std"}  # fmt: skip
+                         "pin_memory", "persistent_workers", "seed", "mean", "std", "on_device"}  # fmt: skip
     for name in BASE:
         assert helps.get(f"data.{name}"), f"{cls.__name__}: --data.{name} missing or without a description"
 

@@ -1,5 +1,6 @@
 """π-layers, kernel, π-SGD, finite twin and feature kernel against independent references (spec §1.14)."""
 
+import copy
 import io
 import math
 
@@ -7,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from manynets.cuda_ops.pi_kernel import pi_backward, pi_forward, pi_forward_reference
+from manynets.cuda_ops.pi_kernel import pi_backward, pi_forward, pi_forward_reference, row_chunks
 from manynets.layers.feature_kernel import pi_kernel, ridge_predict
-from manynets.layers.pi import InfPiLayer, PiLinearFunction, estimate_memory
+from manynets.layers.pi import DEFAULT_BLOCK_ROWS, InfPiLayer, PiLinearFunction, estimate_memory, state_shapes_only
 from manynets.layers.pi_math import ab_norm, j1, phi, phi_prime, relu_covariance
 from manynets.layers.pi_optim import PiSGD, clip_gradients
 from manynets.networks import PiMLP
@@ -98,10 +99,11 @@ def test_kernel_custom_ops_schema_and_fake():
     B, s = B / B.norm(dim=1, keepdim=True), g.norm(dim=1)
     gbar, Amult = g / s[:, None], torch.rand(20)
     checks = ("test_schema", "test_faketensor")
-    torch.library.opcheck(pi_forward_op, (gbar, s, A, B, Amult, 7), test_utils=checks)
-    torch.library.opcheck(pi_backward_op, (delta, gbar, A, B, Amult, 7), test_utils=checks)
-    assert torch.equal(pi_forward_op(gbar, s, A, B, Amult, 7), pi_forward(gbar, s, A, B, Amult, 7))
-    assert torch.equal(pi_backward_op(delta, gbar, A, B, Amult, 7), pi_backward(delta, gbar, A, B, Amult, 7))
+    blocks = [list(A.split(9)), list(B.split(9)), [Amult]]  # the state as lists of row blocks
+    torch.library.opcheck(pi_forward_op, (gbar, s, *blocks, 7), test_utils=checks)
+    torch.library.opcheck(pi_backward_op, (delta, gbar, *blocks, 7), test_utils=checks)
+    assert torch.equal(pi_forward_op(gbar, s, *blocks, 7), pi_forward(gbar, s, A, B, Amult, 7))
+    assert torch.equal(pi_backward_op(delta, gbar, *blocks, 7), pi_backward(delta, gbar, A, B, Amult, 7))
 
 
 def test_kernel_low_precision_state_close_to_fp32():
@@ -155,7 +157,7 @@ def test_output_zero_at_init_and_rows_grow_old_rows_fixed():
     net = pimlp(6, 3, r=5, depth=3, bias_alpha=0.5, seed=0)
     x, y = torch.randn(20, 6), torch.randint(0, 3, (20,))
     assert net(x).abs().max().item() == 0.0
-    before = {id(l): (l.A.clone(), l.B.clone(), l.Amult.clone()) for l in pi_layers(net)}
+    before = {id(l): tuple(l.state_tensor(n) for n in ("A", "B", "Amult")) for l in pi_layers(net)}
     lr, wd, b, t = 0.3, 0.01, 4, 6
     opt = pisgd(net, lr, wd)
     for step in range(t):
@@ -165,14 +167,15 @@ def test_output_zero_at_init_and_rows_grow_old_rows_fixed():
         opt.zero_grad()
     for layer in pi_layers(net):
         A0, B0, M0 = before[id(layer)]
-        assert layer.num_rows == 5 + b * t == layer.B.shape[0] == layer.Amult.shape[0]
-        assert torch.equal(layer.A[:5], A0) and torch.equal(layer.B[:5], B0)
+        A, B = layer.state_tensor("A"), layer.state_tensor("B")
+        assert layer.num_rows == 5 + b * t == B.shape[0] == layer.Amult.shape[0]
+        assert torch.equal(A[:5], A0) and torch.equal(B[:5], B0)
         decay = (1 - lr * wd) ** t
         assert torch.allclose(layer.Amult[:5], M0 * decay, rtol=1e-6)
         # rows appended at step k carry -lr decayed by the later steps
         expected = torch.tensor([-lr * (1 - lr * wd) ** (t - 1 - k) for k in range(t)]).repeat_interleave(b)
         assert torch.allclose(layer.Amult[5:], expected, rtol=1e-6)
-        assert torch.allclose(layer.B[5:].norm(dim=1), torch.ones(b * t), atol=1e-5)
+        assert torch.allclose(B[5:].norm(dim=1), torch.ones(b * t), atol=1e-5)
     assert net(x).abs().max().item() > 0
 
 
@@ -189,25 +192,117 @@ def test_estimate_memory_matches_state_after_training():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_save_load_reproduces_outputs_exactly(dtype):
+@pytest.mark.parametrize("blocks", [(DEFAULT_BLOCK_ROWS, DEFAULT_BLOCK_ROWS), (5, 3)], ids=["default", "5to3"])
+def test_save_load_reproduces_outputs_exactly(dtype, blocks):
+    """Save -> load with the same or another block size; A, B, Amult saved as single tensors of exactly M rows."""
     torch.manual_seed(0)
-    net = pimlp(5, 2, r=3, depth=2, state_dtype=dtype, seed=1)
+    net = pimlp(5, 2, r=3, depth=2, state_dtype=dtype, block_size=blocks[0], seed=1)
     opt = pisgd(net, 0.5, 1e-3)
-    for _ in range(7):  # grows past the over-allocation boundary
+    for _ in range(7):  # grows past the over-allocation boundary of Amult and across blocks
         net(torch.randn(3, 5)).square().sum().backward()
         opt.step()
     x = torch.randn(11, 5)
     with torch.no_grad():
         out = net.eval()(x)
+    state = net.state_dict()
+    for name, width in (("A", 2), ("B", 3), ("Amult", None)):
+        saved = state[f"head.{name}"]
+        assert saved.shape == ((24, width) if width else (24,))
+        assert saved.untyped_storage().nbytes() == saved.nbytes  # no over-allocated storage in the file
+    with state_shapes_only(net):
+        shapes = net.state_dict()
+    assert shapes["head.A"].is_meta and shapes["head.A"].shape == state["head.A"].shape
     buf = io.BytesIO()
-    torch.save(net.state_dict(), buf)
+    torch.save(state, buf)
     buf.seek(0)
-    fresh = pimlp(5, 2, r=3, depth=2, state_dtype=dtype, seed=2)
+    fresh = pimlp(5, 2, r=3, depth=2, state_dtype=dtype, block_size=blocks[1], seed=2)
     fresh.load_state_dict(torch.load(buf, weights_only=True))
     assert fresh.head.num_rows == net.head.num_rows == 3 + 21
+    assert len(fresh.head.state_blocks("B")) == -(-24 // blocks[1])
     with torch.no_grad():
         assert torch.equal(fresh.eval()(x), out)
-    assert net.head.A.dtype == getattr(torch, dtype) and net.head.Amult.dtype == torch.float32
+    for name in ("A", "B", "Amult"):
+        assert torch.equal(fresh.head.state_tensor(name), net.head.state_tensor(name))
+    assert net.head.state_tensor("A").dtype == getattr(torch, dtype) and net.head.Amult.dtype == torch.float32
+    with pytest.raises(RuntimeError, match="size mismatch for head.A"):
+        pimlp(5, 4, r=3, depth=2).load_state_dict(state)
+
+
+# -- blocked state -------------------------------------------------------------------------
+def _train(net, steps, batch, seed=0):
+    """``steps`` π-SGD steps (clipped, with weight decay) on random data; returns the net."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = pisgd(net, 0.3, 1e-2)
+    for _ in range(steps):
+        x, y = torch.randn(batch, net.d_in, generator=gen), torch.randint(0, net.num_classes, (batch,), generator=gen)
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        clip_gradients(net, 0.4, per_param=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return net
+
+
+def test_growth_appends_blocks_without_copies():
+    """Every block stays where it is as the state grows; storage is whole blocks, at most one beyond M rows."""
+    layer = (net := pimlp(6, 3, r=4, depth=2, block_size=10, seed=0)).head
+    seen = []
+    for step in range(8):
+        _train(net, 1, 5, seed=step)
+        blocks = [layer.state_blocks(n) for n in ("A", "B")]
+        ptrs = [[b.data_ptr() for b in bs] for bs in blocks]
+        assert all(now[: len(before)] == before for now, before in zip(ptrs, seen))
+        seen, m = ptrs, 4 + 5 * (step + 1)
+        assert [len(b) for b in blocks[0]] == [10] * (m // 10) + ([m % 10] if m % 10 else [])
+        assert sum(b.untyped_storage().nbytes() for bs in blocks for b in bs) == -(-m // 10) * 10 * (3 + 4) * 4
+    assert len(seen[0]) == 5
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_blocked_state_equals_one_block(dtype):
+    """Training is bit-identical for any block size: the state is the one-block (contiguous) state cut in blocks."""
+    nets = {size: _train(pimlp(6, 3, r=4, depth=3, chunk_size=7, block_size=size, state_dtype=dtype,
+                               readout_zero_init=False, seed=0), 9, 5) for size in (3, 10, 10_000)}  # fmt: skip
+    ref, x = nets[10_000], torch.randn(8, 6)
+    assert len(ref.head.state_blocks("A")) == 1
+    for size, net in nets.items():
+        for layer, ref_layer in zip(pi_layers(net), pi_layers(ref)):
+            assert layer.num_rows == 49 and len(layer.state_blocks("A")) == -(-49 // size)
+            for name in ("A", "B", "Amult"):
+                assert torch.equal(layer.state_tensor(name), ref_layer.state_tensor(name))
+        with torch.no_grad():
+            assert torch.equal(net.eval()(x), ref.eval()(x))
+
+
+def test_row_chunks_across_block_borders_are_exact():
+    torch.manual_seed(0)
+    A, B, Amult = torch.randn(23, 3), torch.randn(23, 4), torch.rand(23)
+    B = B / B.norm(dim=1, keepdim=True)
+    blocks = [list(A.split(5)), list(B.split(14)), [Amult[:1], Amult[1:1], Amult[1:]]]  # borders off the chunk grid
+    chunks = list(row_chunks(7, *blocks))
+    assert [len(c[0]) for c in chunks] == [7, 7, 7, 2]
+    for k, chunk in enumerate(chunks):
+        assert all(torch.equal(part, whole[7 * k : 7 * k + 7]) for part, whole in zip(chunk, (A, B, Amult)))
+    assert chunks[0][1].data_ptr() == blocks[1][0].data_ptr()  # inside one block: a view, no copy
+    g, delta = torch.randn(3, 4), torch.randn(3, 3)
+    s = g.norm(dim=1)
+    gbar = g / s[:, None]
+    assert torch.equal(pi_forward(gbar, s, *blocks, 7), pi_forward(gbar, s, A, B, Amult, 7))
+    assert torch.equal(pi_backward(delta, gbar, *blocks, 7), pi_backward(delta, gbar, A, B, Amult, 7))
+    with pytest.raises(ValueError, match="different numbers of rows"):
+        list(row_chunks(7, A, B[:5]))
+
+
+def test_blocks_follow_dtype_device_moves_and_copies():
+    net = _train(pimlp(5, 2, r=3, depth=2, block_size=4, readout_zero_init=False, seed=0), 3, 3)
+    x = torch.randn(4, 5)
+    with torch.no_grad():
+        out = net.eval()(x)
+        twin = copy.deepcopy(net).double()
+        assert {b.dtype for b in twin.head.state_blocks("A") + twin.head.state_blocks("B")} == {torch.float64}
+        assert net.head.state_tensor("A").dtype == torch.float32  # the copy owns its blocks
+        assert torch.allclose(twin(x.double()), out.double(), atol=1e-6)
+    _train(twin.float().train(), 1, 3)  # back in fp32; the copy's Amult leads PiSGD to the copy
+    assert twin.head.num_rows == net.head.num_rows + 3 == 15
 
 
 def test_clipping_per_param_and_global():
@@ -249,9 +344,9 @@ def direct_forward(net, x):
         g = A1_ALPHA * (x @ d(layers[0].A1) + BETA * d(layers[0].bias))
         for layer, alpha, beta in zip(layers[1:], alphas[1:], betas[1:]):
             s = g.norm(dim=1, keepdim=True)
-            c = ((g / s) @ d(layer.B).T).clamp(-1, 1)
+            c = ((g / s) @ d(layer.state_tensor("B")).T).clamp(-1, 1)
             phi = (torch.sqrt(1 - c**2) + c * (math.pi - torch.acos(c))) / (2 * math.pi)
-            g = alpha * ((phi * s * d(layer.Amult)) @ d(layer.A) + beta * d(layer.bias))
+            g = alpha * ((phi * s * d(layer.Amult)) @ d(layer.state_tensor("A")) + beta * d(layer.bias))
         return g
     h = x
     for l, (lin, alpha, beta) in enumerate(zip(layers, alphas, betas)):
@@ -384,6 +479,8 @@ def test_ridge_and_pi_kernel():
 def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="state_dtype"):
         InfPiLayer(3, 3, state_dtype="float64")
+    with pytest.raises(ValueError, match="block_size"):
+        pimlp(3, 2, r=2, block_size=0)
     with pytest.raises(ValueError, match="depth"):
         pimlp(3, 2, r=2, depth=0)
     layer = InfPiLayer(3, 2)

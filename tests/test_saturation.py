@@ -226,3 +226,27 @@ def test_vector_outputs_match_numpy(tmp_path):
     images = torch.randn(32, 1, 3, 3)[:16]
     for layer, idim in reference_ids(module.network, images, 0.99).items():
         assert row[f"idim/train/{layer}"] == idim and row[f"idim/eval/{layer}"] == idim, layer
+
+
+def test_default_float32_products_agree_with_float64():
+    """The default tracker (batch-centred float32 products) gives the float64 tracker's intrinsic dimensions,
+    and eigenvalues within 1e-5 of the largest, on conv maps with a large mean and on vectors."""
+    from manynets.layers.covariance import eigen_descending
+
+    torch.manual_seed(0)
+    net = Net()
+    default = SaturationTracker(select_layers(net), delta=0.99)
+    exact = SaturationTracker(select_layers(net), delta=0.99, matmul_dtype=torch.float64)
+    assert default.matmul_dtype == torch.float32
+    with torch.no_grad():
+        for _ in range(3):
+            for tracker in (default, exact):
+                tracker.start("train")
+            net(torch.randn(16, 2, 6, 6) * 3 + 20)
+            default.flush()
+            exact.flush()
+    for name in default.names:
+        lam32 = eigen_descending(default.covariances["train"][name].covariance())[0]
+        lam64 = eigen_descending(exact.covariances["train"][name].covariance())[0]
+        assert (lam32 - lam64).abs().max() <= 1e-5 * lam64[0], name
+    assert default.compute("train") == exact.compute("train")

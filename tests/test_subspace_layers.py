@@ -6,9 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from manynets.analysis.bn_recompute import collect_bn_statistics, recompute_bn
 from manynets.layers.subspace import (
     SubspaceBatchNorm2d,
     SubspaceConv2d,
+    combined_parameters,
     cosine_similarity_squared,
     midpoint,
     sample_coefficients,
@@ -20,10 +22,8 @@ from manynets.layers.subspace import (
 from manynets.layers.subspace_bn import (
     bn_layers,
     check_packed,
-    collect_bn_statistics,
     load_bn_statistics,
     packed_logits,
-    recompute_bn,
 )
 from manynets.networks import MLP, CifarResNet
 
@@ -293,3 +293,59 @@ def test_set_point_and_gradients_reach_every_set():
     for layer in subspace_layers(net):
         for name in ("weight", "weight1", "weight2"):
             assert getattr(layer, name).grad is not None and getattr(layer, name).grad.abs().sum() > 0
+
+
+def _reference_cos2(layers, i, j):
+    """cos² from per-layer sums, differentiated by autograd (the previous formulation)."""
+    dots, ni, nj = [], [], []
+    for layer in layers:
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            continue
+        wi, wj = layer.parameter_sets("weight")[i], layer.parameter_sets("weight")[j]
+        dots.append((wi * wj).sum())
+        ni.append(wi.pow(2).sum())
+        nj.append(wj.pow(2).sum())
+    return torch.stack(dots).sum().pow(2) / (torch.stack(ni).sum() * torch.stack(nj).sum())
+
+
+@pytest.mark.parametrize("kind,k", [("line", None), ("curve", None), ("simplex", 4)])
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_combined_parameters_give_the_per_layer_loss_and_gradients(kind, k, layerwise):
+    """All layers combined at once (foreach ops) + closed-form cos² gradient == each layer combining its
+    own sets + autograd through per-layer sums: same loss and vertex gradients (float32 rounding)."""
+    torch.manual_seed(4)
+    net = to_subspace(small_resnet(), kind, k)
+    layers = subspace_layers(net)
+    points = sample_coefficients(kind, k, len(layers) if layerwise else 1)
+    for i, layer in enumerate(layers):
+        layer.coefficients = points[i : i + 1] if layerwise else points
+    x, y = torch.randn(6, 3, 8, 8), torch.randint(0, 10, (6,))
+    s = layers[0].num_sets
+
+    def loss_and_grads(combined: bool):
+        net.zero_grad()
+        if combined:
+            with combined_parameters(layers):
+                ce = F.cross_entropy(net(x), y)
+            cos2 = cosine_similarity_squared(layers, 0, s - 1)
+        else:
+            ce, cos2 = F.cross_entropy(net(x), y), _reference_cos2(layers, 0, s - 1)
+        (ce + cos2).backward()
+        return ce.detach(), cos2.detach(), {n: p.grad.clone() for n, p in net.named_parameters()}
+
+    ce_ref, cos_ref, grads_ref = loss_and_grads(False)
+    ce, cos2, grads = loss_and_grads(True)
+    assert all(layer._combined is None for layer in layers)  # the block leaves nothing behind
+    torch.testing.assert_close(ce, ce_ref, rtol=1e-6, atol=0)
+    torch.testing.assert_close(cos2, cos_ref, rtol=1e-5, atol=1e-9)
+    assert grads.keys() == grads_ref.keys() and any(n.endswith("weight2") or n.endswith("weight1") for n in grads)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, grads_ref[name], rtol=1e-5, atol=1e-6 * grads_ref[name].abs().max().item())
+    if kind == "line" and not layerwise:  # the default: one foreach lerp, the same kernel as torch.lerp
+        net.zero_grad()
+        with combined_parameters(layers):
+            F.cross_entropy(net(x), y).backward()
+        exact = {n: p.grad.clone() for n, p in net.named_parameters()}
+        net.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        assert all(torch.equal(exact[n], p.grad) for n, p in net.named_parameters())

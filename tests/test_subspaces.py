@@ -13,11 +13,11 @@ import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
 import manynets.lightning_modules.subspaces as subspaces_module
+from manynets.analysis.bn_recompute import recompute_bn
 from manynets.analysis.outputs import read_csv, save_figure
 from manynets.analysis.subspace_plots import sweep_figures
 from manynets.analysis.subspace_sweep import run_sweep, sweep_points
 from manynets.layers.subspace import set_point, subspace_coefficients, subspace_layers
-from manynets.layers.subspace_bn import recompute_bn
 from manynets.lightning_modules import CheckpointEnsembleModule, SubspaceModule
 from manynets.networks import MLP, CifarResNet
 

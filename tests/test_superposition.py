@@ -18,7 +18,7 @@ from manynets.cuda_ops.binding import grouped_conv1d_bind, key_to_conv1d_weight
 from manynets.errors import ConfigError
 from manynets.layers.isometry import conv_isometry_penalty
 from manynets.lightning_modules import ClassifierModule, SuperpositionModule
-from manynets.lightning_modules.superposition import mixup
+from manynets.lightning_modules.superposition import STEM_CHUNK_IMAGES, mixup
 from manynets.networks import MLP, WideResNet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,6 +98,32 @@ def test_forward_matches_the_official_formulation(binding):
     unbind.bias.data = module.unbinding.linear.bias.detach()
     unbound = torch.relu(unbind(features[..., None, None])).view(3, capacity // n, n, -1).mean(1).reshape(6, -1)
     assert torch.allclose(module.forward_superposed(x, n), net.head(unbound), atol=1e-10)
+    with torch.inference_mode():  # evaluation: the stem as one GEMM, bound in chunks
+        assert module._eval_stem_gemm(x) is not None
+        assert torch.allclose(module.forward_superposed(x, n), net.head(unbound), atol=1e-10)
+
+
+@pytest.mark.parametrize("binding", ["hrr", "mbat", "none"])
+def test_evaluation_stem_gemm_in_chunks_equals_the_module_path(binding):
+    """Evaluation without gradients on a CPU folds the stem BN into one GEMM and binds STEM_CHUNK_IMAGES
+    images at a time (here several chunks, a partial last one and a padded group), in either memory
+    format: equal to the stem module on the whole batch followed by the binding (grad mode)."""
+    torch.manual_seed(0)
+    module = make(capacity=4, binding=binding)
+    bn = module.network.stem[1]
+    bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2.0), bn.weight.data.normal_(), bn.bias.data.normal_()
+    module.eval()
+    x = torch.randn(2 * STEM_CHUNK_IMAGES + 7, *SHAPE)
+    for images in (x, x.contiguous(memory_format=torch.channels_last)):
+        for n in (1, 2, 4):
+            ref = module.forward_superposed(images, n, pad=True)  # grad enabled: the stem module
+            with torch.no_grad():
+                assert module._eval_stem_gemm(images) is not None
+                out = module.forward_superposed(images, n, pad=True)
+            assert out.shape == (x.shape[0], 5)
+            assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    with torch.no_grad():
+        assert module.train()._eval_stem_gemm(x) is None  # training: BN batch statistics, the module path
 
 
 @pytest.mark.parametrize("binding", ["hrr", "mbat", "none"])

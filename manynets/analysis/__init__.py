@@ -14,12 +14,21 @@ networks -> layers -> cuda_ops``; the math lives in ``layers``; Lightning hooks 
 """
 
 from manynets.analysis.checkpoints import CheckpointNotFoundError, load_network, read_checkpoint
-from manynets.analysis.outputs import output_dir, read_csv, save_figure, write_csv
+from manynets.analysis.outputs import (
+    layer_labels,
+    legend_outside,
+    output_dir,
+    read_csv,
+    run_name,
+    save_figure,
+    titled,
+    write_csv,
+)
 from manynets.analysis.passes import device_of, each_batch, evaluate, evaluation, prediction, train_and_test_loaders
 from manynets.analysis.pca import SWEEP_DELTAS, PCALayers, delta_sweep, insert_pca_layers
 from manynets.analysis.probes import extract_features, write_probe_results
 from manynets.analysis.receptive_field import receptive_fields, write_receptive_fields
-from manynets.analysis.saturation import SaturationTracker, plot_saturation
+from manynets.analysis.saturation import SaturationTracker, plot_saturation, plot_saturation_heatmap
 from manynets.analysis.selection import LAYER_TYPES, check_layer_options, layer_width, model_parts, select_layers
 from manynets.analysis.tap import LayerTap
 
@@ -38,17 +47,22 @@ __all__ = [
     "evaluation",
     "extract_features",
     "insert_pca_layers",
+    "layer_labels",
     "layer_width",
+    "legend_outside",
     "load_network",
     "model_parts",
     "output_dir",
     "plot_saturation",
+    "plot_saturation_heatmap",
     "prediction",
     "read_checkpoint",
     "read_csv",
     "receptive_fields",
+    "run_name",
     "save_figure",
     "select_layers",
+    "titled",
     "train_and_test_loaders",
     "write_csv",
     "write_probe_results",

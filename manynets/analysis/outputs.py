@@ -8,6 +8,9 @@
   back with the units stripped from the column names (the resume of ``saturation.csv`` uses it).
 - :func:`save_figure`: a matplotlib figure saved as ``<name>.png`` and sent to every logger that takes
   figures (TensorBoard's ``add_figure``; ``log_image`` of W&B-style loggers), then closed.
+- Figure conventions shared by every plot: :func:`run_name` (the title names the run),
+  :func:`layer_labels` (layer names on an axis: the module path, shortened the same way everywhere) and
+  :func:`legend_outside` (a legend right of the axes, never over the data).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 _UNIT = re.compile(r" \([^()]*\)$")
+_ELLIPSIS = "\u2026"
 
 
 def output_dir(trainer: Any, dirpath: str | None = None) -> Path:
@@ -84,3 +88,44 @@ def save_figure(trainer: Any, fig: Any, directory: str | Path, name: str, tag: s
                 pass
     plt.close(fig)
     return path
+
+
+def run_name(trainer: Any = None, directory: str | Path | None = None) -> str:
+    """The name a figure's title gives its run: the run directory's name (``trainer.default_root_dir``, or
+    ``directory``), e.g. ``digits`` for ``runs/quickstart/digits``; ``""`` when neither is known."""
+    root = directory if directory is not None else getattr(trainer, "default_root_dir", None)
+    return Path(root).resolve().name if root else ""
+
+
+def titled(text: str, run: str = "") -> str:
+    """``"<run>: <text>"`` (just ``text`` without a run name)."""
+    return f"{run}: {text}" if run else text
+
+
+def layer_label(name: str, max_chars: int = 22, keep: int = 2) -> str:
+    """Readable name of a layer on an axis: the module path with dots (``body-0-conv1`` -> ``body.0.conv1``,
+    as ``named_modules`` writes it); a path longer than ``max_chars`` keeps its first part and its last
+    ``keep`` parts around an ellipsis (``members.0.body.3.block.conv1`` -> ``members.….block.conv1``)."""
+    parts = [p for p in re.split(r"[-.]", name) if p]
+    path = ".".join(parts)
+    if len(path) <= max_chars or len(parts) <= keep + 1:
+        return path
+    return ".".join([parts[0], _ELLIPSIS, *parts[-keep:]])
+
+
+def layer_labels(names: Sequence[str], max_chars: int = 22) -> list[str]:
+    """:func:`layer_label` of every name; names whose short labels would collide keep more of their path."""
+    names = list(names)
+    labels = [layer_label(n, max_chars) for n in names]
+    for keep in range(3, 1 + max((len(re.split(r"[-.]", n)) for n in names), default=0)):
+        repeated = {label for label in labels if labels.count(label) > 1}
+        if not repeated:
+            break
+        labels = [layer_label(n, max_chars, keep) if label in repeated else label for n, label in zip(names, labels)]
+    return labels
+
+
+def legend_outside(ax: Any, title: str | None = None, **kwargs: Any) -> Any:
+    """A legend right of ``ax`` (outside the data; ``save_figure`` saves with a tight bounding box)."""
+    return ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, frameon=False,
+                     title=title, **kwargs)  # fmt: skip

@@ -4,7 +4,8 @@ pinet_saturation §2.7-2.8; PHD-LAB ``infer_with_altering_delta.py``; Richter et
 :func:`insert_pca_layers` attaches a :class:`~manynets.layers.pca.PCAProjection` (the math) after every
 chosen layer through a :class:`~manynets.analysis.tap.LayerTap` whose hook replaces the output (nothing in
 the network changes); :func:`delta_sweep` fits them on training data (eval mode) and evaluates the test
-accuracy, loss, summed dimension and mean saturation for each delta of :data:`SWEEP_DELTAS`.
+accuracy, loss, summed dimension and mean saturation for each delta of :data:`SWEEP_DELTAS`;
+:func:`plot_delta_sweep` draws them against 1 - delta.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from manynets.analysis.outputs import write_csv
+from manynets.analysis.outputs import legend_outside, write_csv
 from manynets.analysis.passes import device_of, each_batch, evaluate
+from manynets.analysis.progress import Progress, tracked
 from manynets.analysis.selection import layer_width, select_layers
 from manynets.analysis.tap import LayerTap
 from manynets.layers.pca import PCAProjection
@@ -114,8 +116,10 @@ def delta_sweep(
     pca = insert_pca_layers(model, layers, types, 0.99, centering, downsampling)
     rows = []
     try:
-        each_batch(model, train_loader, lambda images, labels: predict(images))
+        each_batch(model, tracked(train_loader, "PCA sweep, covariances"), lambda images, labels: predict(images))
         pca.finalize()
+        deltas = list(deltas)
+        progress = Progress("PCA sweep, deltas", len(deltas), "deltas")
         for delta in deltas:
             pca.set_delta(delta)
             acc, loss = evaluate(model, test_loader, predict)
@@ -124,8 +128,47 @@ def delta_sweep(
                 pca.use_random_basis(seed)
                 row["random_accuracy"], row["random_loss"] = evaluate(model, test_loader, predict)
             rows.append(row)
+            progress.update()
     finally:
         pca.remove()
     if csv_path is not None:
         write_csv(csv_path, rows, UNITS)
     return rows
+
+
+def plot_delta_sweep(rows: list[dict[str, float | str]], title: str):
+    """Test accuracy (with the random-subspace control where recorded) and summed intrinsic dimension against
+    1 - delta (log scale; a delta >= 1 keeps every direction and is drawn as a horizontal line).
+    ``rows``: :func:`delta_sweep` rows or ``pca_sweep.csv`` read back. Returns the Figure (not saved)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    def number(row, key):
+        value = row.get(key, "")
+        return float("nan") if value in ("", None) else float(value)
+
+    projected = sorted((r for r in rows if number(r, "delta") < 1), key=lambda r: -number(r, "delta"))
+    full = [r for r in rows if number(r, "delta") >= 1]
+    x = [1 - number(r, "delta") for r in projected]
+    fig, (acc, dims) = plt.subplots(1, 2, figsize=(11, 3.8))
+    acc.plot(x, [number(r, "accuracy") for r in projected], "o-", ms=3, label="PCA subspace")
+    if any(r.get("random_accuracy", "") not in ("", None) for r in projected):
+        acc.plot(x, [number(r, "random_accuracy") for r in projected], "s--", ms=3, label="random subspace, same dimension")
+    if full:
+        acc.axhline(number(full[0], "accuracy"), color="black", ls=":", label="no projection")
+    dims.plot(x, [number(r, "sum_id") for r in projected], "o-", ms=3, color="C2", label="kept dimensions")
+    if projected:
+        dims.axhline(number(projected[0], "sum_width"), color="black", ls=":", label="summed layer width")
+    for ax in (acc, dims):
+        ax.set_xscale("log")
+        ax.set_xlabel("1 − δ (unexplained variance allowed, fraction)")
+        ax.grid(alpha=0.3)
+    acc.set_ylabel("test accuracy (fraction)")
+    dims.set_ylabel("summed intrinsic dimension (dimensions)")
+    legend_outside(acc, fontsize=8)
+    legend_outside(dims, fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

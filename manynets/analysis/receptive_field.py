@@ -5,7 +5,9 @@
 ``remove_skips``), runs one forward pass of a blank image in eval mode to get their order and output
 sizes, and applies the recurrence. :func:`write_receptive_fields` writes ``receptive_field.csv``,
 comma-separated (PHD-LAB's file is ``;``-separated): ``layer, map_size (positions), start (px),
-jump (px), receptive_field (px)`` per Conv2d, sizes in input pixels.
+jump (px), receptive_field (px)`` per Conv2d, sizes in input pixels; :func:`plot_receptive_fields` draws
+the receptive field per layer against the input size (layers whose field exceeds the image are PHD-LAB's
+"unproductive" tail candidates, Richter et al. 2021).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from manynets.analysis.outputs import write_csv
+from manynets.analysis.outputs import layer_labels, legend_outside, write_csv
 from manynets.analysis.passes import device_of, evaluation
 from manynets.analysis.tap import LayerTap
 from manynets.layers.receptive_field import FIELD_LAYERS, FieldRow, field_rows, on_skip_path
@@ -50,3 +52,29 @@ def write_receptive_fields(rows: list[FieldRow], path: str | Path, convs_only: b
     table = [{k: v for k, v in asdict(row).items() if k != "kind"} for row in rows
              if not convs_only or row.kind == "Conv2d"]  # fmt: skip
     return write_csv(path, table, UNITS, columns=("layer", "map_size", "start", "jump", "receptive_field"))
+
+
+def plot_receptive_fields(rows: list[FieldRow | dict], image_size: int, title: str):
+    """Receptive field (px) of every Conv2d row in network order, with the input image size as a line;
+    ``rows``: :class:`FieldRow` or ``receptive_field.csv`` rows. Returns the Figure (not saved)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    table = [asdict(r) if isinstance(r, FieldRow) else r for r in rows]
+    table = [r for r in table if r.get("kind", "Conv2d") == "Conv2d"]
+    names = [str(r["layer"]) for r in table]
+    fields = [float(r["receptive_field"]) if r["receptive_field"] not in ("", None) else float("nan") for r in table]
+    fig, ax = plt.subplots(figsize=(max(7, 0.35 * len(names) + 4), 4))
+    ax.bar(range(len(names)), fields, color=["C3" if f > image_size else "C0" for f in fields],
+           label="receptive field of the layer")  # fmt: skip
+    ax.axhline(image_size, color="black", ls="--", lw=1, label=f"input size ({image_size} px)")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(layer_labels(names), rotation=90, fontsize=7)
+    ax.set_xlabel("conv layer (module path, input to output)")
+    ax.set_ylabel("receptive field (px)")
+    ax.set_title(title)
+    legend_outside(ax)
+    fig.tight_layout()
+    return fig

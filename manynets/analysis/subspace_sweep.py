@@ -13,9 +13,9 @@ Simplexes: the k vertices, the centroid and ``num_random_points`` Dirichlet(1) p
 ensemble of the vertices and the ensembles of the first m random points (m = 2..R), by mean logits.
 
 Every evaluated point gets its own BN statistics, recomputed over the training data (official
-behaviour, spec §3.3), but in ONE pass for all points
-(:func:`~manynets.layers.subspace_bn.collect_bn_statistics`), and the test data is also read once
-(:func:`~manynets.layers.subspace_bn.packed_logits`).
+behaviour, spec §3.3), with each training batch loaded once for all points
+(:func:`~manynets.analysis.bn_recompute.collect_bn_statistics`: one point per forward on a CPU, packed
+points on CUDA), and the test data is also read once (:func:`~manynets.layers.subspace_bn.packed_logits`).
 """
 
 from __future__ import annotations
@@ -23,9 +23,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from manynets.analysis.bn_recompute import collect_bn_statistics, default_chunk_size
 from manynets.analysis.passes import device_of, each_batch
+from manynets.analysis.progress import tracked
 from manynets.layers.subspace import num_parameter_sets, subspace_coefficients
-from manynets.layers.subspace_bn import check_packed, collect_bn_statistics, packed_logits
+from manynets.layers.subspace_bn import check_packed, packed_logits
 from manynets.metrics import classification_metrics
 
 UNITS = {m: u for k, u in (("acc", "fraction"), ("nll", "nats"), ("ece", "fraction"), ("pair_tv", "fraction"))
@@ -95,9 +97,12 @@ def run_sweep(
     coefficients = coefficients.to(device)
     p = len(names)
     if points_per_pass is None:  # grouped convs pay on a GPU; on a CPU separate convs are faster
-        points_per_pass = p if device.type == "cuda" else 1
+        points_per_pass = default_chunk_size(device, p)
     stats = None
     if recompute_bn:
+        total = _length(train_batches)
+        total = bn_batches if total is None else min(total, bn_batches or total)
+        train_batches = tracked(train_batches, "subspace sweep, BN statistics", total)
         stats = collect_bn_statistics(network, train_batches, coefficients, points_per_pass, bn_batches)
     chunks = [(lo, min(lo + points_per_pass, p)) for lo in range(0, p, points_per_pass)]
     acc = _Accumulator(num_classes, device)
@@ -131,7 +136,7 @@ def run_sweep(
             for m in range(2, len(random) + 1):
                 acc.update(f"ensemble_random{m}", random[:m].mean(0), y)
 
-    each_batch(network, test_batches, score, device)
+    each_batch(network, tracked(test_batches, "subspace sweep, test set"), score, device)
     rows = []
     for i, name in enumerate(names):
         row = {"point": name, **acc.result(name)}
@@ -149,6 +154,13 @@ def run_sweep(
         for m in range(2, num_random_points + 1):
             rows.append({"point": f"ensemble_random{m}", "members": m, **acc.result(f"ensemble_random{m}")})
     return rows
+
+
+def _length(batches) -> int | None:
+    try:
+        return len(batches)
+    except TypeError:
+        return None
 
 
 def summary(rows: list[dict], kind: str) -> dict[str, float]:

@@ -5,3 +5,6 @@ from manynets.callbacks.subspace_sweep import SubspaceSweep  # noqa: F401
 from manynets.callbacks.pca_sweep import PCADeltaSweep  # noqa: F401
 from manynets.callbacks.feature_kernel import FeatureKernelTransfer  # noqa: F401
 from manynets.callbacks.run_checkpoint import RunCheckpoint  # noqa: F401
+from manynets.callbacks.prediction_writer import PredictionWriter  # noqa: F401
+from manynets.callbacks.progress import PlainProgress  # noqa: F401
+from manynets.callbacks.reliability import ReliabilityDiagram  # noqa: F401

@@ -20,6 +20,7 @@ import lightning.pytorch as pl
 import torch
 
 from manynets.analysis.passes import device_of, evaluation
+from manynets.analysis.progress import Progress, tracked
 from manynets.datamodules.base import ImageDataModule
 from manynets.errors import ConfigError, check_arg
 from manynets.layers.feature_kernel import kernel_ridge_accuracy
@@ -28,13 +29,18 @@ from manynets.networks import PiMLP
 _ARG = "trainer.callbacks[FeatureKernelTransfer].init_args."
 
 
-def collect_features(network: PiMLP, loader: Iterable,
-                     max_samples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(kernel features in fp32, labels) over ``(images, labels)`` batches, at most ``max_samples`` rows."""
+def collect_features(network: PiMLP, loader: Iterable, max_samples: int | None = None,
+                     what: str = "feature-kernel transfer, features") -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(kernel features in fp32, labels) over ``(images, labels)`` batches, at most ``max_samples`` rows;
+    progress lines are headed ``what``."""
     feats, labels, n = [], [], 0
     device = device_of(network)
+    total = len(loader) if hasattr(loader, "__len__") else None
+    batch_size = getattr(loader, "batch_size", None)
+    if total is not None and max_samples is not None and batch_size:
+        total = min(total, -(-max_samples // batch_size))
     with evaluation(network):
-        for images, y in loader:
+        for images, y in tracked(loader, what, total):
             feats.append(network.kernel_features(images.to(device)).float())
             labels.append(y.to(device))
             n += len(y)
@@ -83,10 +89,14 @@ class FeatureKernelTransfer(pl.Callback):
         test = self.data.test_dataloader()
         test = test[0] if isinstance(test, list) else test
         network = pl_module.network
-        f_train, y_train = collect_features(network, self.data.train_dataloader(), self.max_train)
-        f_test, y_test = collect_features(network, test)
+        what = f"feature-kernel transfer after epoch {trainer.current_epoch}"
+        f_train, y_train = collect_features(network, self.data.train_dataloader(), self.max_train,
+                                            f"{what}: training features")  # fmt: skip
+        f_test, y_test = collect_features(network, test, what=f"{what}: test features")
+        progress = Progress(f"{what}: kernel ridge regression", len(self.regs), "ridge values")
         accs = kernel_ridge_accuracy(f_train, y_train, f_test, y_test, self.data.num_classes, self.regs,
                                      network.infinite)  # fmt: skip
+        progress.update(len(accs))
         for reg, acc in accs.items():
             pl_module.log(f"transfer/acc_reg{reg:g}", acc)
         pl_module.log("transfer/acc", max(accs.values()))

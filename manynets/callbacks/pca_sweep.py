@@ -4,7 +4,8 @@ After ``manynets test`` it fits PCA projections (:mod:`manynets.analysis.pca`) a
 of the model on the training split (eval mode), then re-evaluates the model's default prediction on
 the first test set for every delta of the sweep and writes ``pca_sweep.csv`` (delta, accuracy, loss,
 summed dimension, summed width, mean saturation; with ``random_control`` also the
-random-orthonormal-subspace control; comma-separated, units in the header).
+random-orthonormal-subspace control; comma-separated, units in the header) and ``pca_sweep.png``
+(accuracy and summed dimension against 1 - delta).
 
     manynets test --config configs/probe/cifar10_vgg_saturation.yaml --ckpt_path <ckpt> \\
       --trainer.callbacks+=manynets.callbacks.PCADeltaSweep
@@ -20,8 +21,12 @@ from manynets.analysis import (
     delta_sweep,
     output_dir,
     prediction,
+    run_name,
+    save_figure,
+    titled,
     train_and_test_loaders,
 )
+from manynets.analysis.pca import plot_delta_sweep
 from manynets.errors import check_arg
 
 
@@ -29,8 +34,9 @@ class PCADeltaSweep(pl.Callback):
     """Delta sweep of PCA projections after testing (rank 0).
 
     Args:
-        layers, types: which layers get a projection (as :class:`~manynets.callbacks.Saturation`; the
-            logits layer is always left alone).
+        layers: regular expression on the layer names that get a projection (``-``-joined module paths, as
+            :class:`~manynets.callbacks.Saturation`; ``None``: all); the logits layer is always left alone.
+        types: module class names that get a projection (``Conv2d``, ``Linear``, ...).
         deltas: thresholds (default: PHD-LAB's 0.90 ... 0.9999 and 3.0).
         centering: centred covariance and projection.
         downsampling: conv maps larger than d x d are resized (nearest) for the covariance.
@@ -62,7 +68,10 @@ class PCADeltaSweep(pl.Callback):
         if not trainer.is_global_zero:
             return
         train, test = train_and_test_loaders(trainer, "PCADeltaSweep")
+        out = output_dir(trainer, self.dirpath)
         self.rows = delta_sweep(
-            pl_module, train, test, output_dir(trainer, self.dirpath) / "pca_sweep.csv", self.deltas, self.layers,
+            pl_module, train, test, out / "pca_sweep.csv", self.deltas, self.layers,
             self.types, self.centering, self.downsampling, self.random_control, predict=prediction(pl_module),
         )  # fmt: skip
+        title = titled("test accuracy with PCA projections after every layer", run_name(trainer))
+        save_figure(trainer, plot_delta_sweep(self.rows, title), out, "pca_sweep")

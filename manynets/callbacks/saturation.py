@@ -11,13 +11,17 @@ intrinsic dimension and the saturation (spec §2.2) are computed (:mod:`manynets
 - logged as ``saturation/{mode}/{layer}`` and ``idim/{mode}/{layer}``,
 - written to ``saturation.csv`` (one row per epoch; saturation a fraction, units in the header; on
   resume the rows of the re-run epochs are replaced, so the file never holds duplicates),
-- drawn as a per-layer bar plot ``saturation_epoch{k:03d}.png`` (also sent to TensorBoard / any
-  logger with ``log_image``).
+- drawn as per-layer bars of the epoch, ``saturation_epoch{k:03d}.png``, and as one epoch x layer
+  heatmap of all epochs so far, ``saturation_heatmap.png``, redrawn every epoch (both also sent to
+  TensorBoard / any logger with ``log_image``); a test or validate run draws
+  ``saturation_test_epoch{k:03d}.png`` / ``saturation_validate_epoch{k:03d}.png``.
 
 Layer names are the module paths inside the backbone joined by ``-`` (delve's naming, e.g.
-``body-0-conv1``, ``head``). Overhead: one ``addmm`` per tracked layer and recorded batch on the
-device, at the batch end, no host synchronisation per step; ``matmul_dtype: float32`` halves its
-cost (batch-centred products, see :class:`~manynets.layers.covariance.StreamingCovariance`);
+``body-0-conv1``, ``head``); figures label them with the dotted path
+(:func:`~manynets.analysis.outputs.layer_labels`). Overhead: one ``addmm`` per tracked layer and recorded batch on the
+device, at the batch end, no host synchronisation per step, in float32 on batch-centred outputs by default
+(half the cost of float64 products, the same saturation; see
+:class:`~manynets.layers.covariance.StreamingCovariance`; ``matmul_dtype: float64`` is delve's);
 ``every_n_batches`` records every k-th batch.
 """
 
@@ -33,9 +37,12 @@ from manynets.analysis import (
     check_layer_options,
     output_dir,
     plot_saturation,
+    plot_saturation_heatmap,
     read_csv,
+    run_name,
     save_figure,
     select_layers,
+    titled,
     write_csv,
 )
 from manynets.errors import check_arg
@@ -57,9 +64,10 @@ class Saturation(pl.Callback):
         downsampling: resize conv maps larger than d x d to d x d (nearest) before accumulating.
         every_n_batches: record every k-th batch (delve ``log_interval``).
         modes: which loops are recorded: ``train``, ``eval`` (validation), ``test``.
-        matmul_dtype: ``float64`` (delve) or ``float32`` products (still accumulated in float64).
+        matmul_dtype: ``float32`` (default: batch-centred float32 products, accumulated in float64; the same
+            saturation as float64, eigenvalues within ~1e-6 relative) or ``float64`` products (delve).
         dirpath: folder of the CSV and plots (default: the trainer's ``log_dir``).
-        plot: write the per-layer bar plot PNG each epoch.
+        plot: draw the per-layer bars and the epoch x layer heatmap (PNG) each epoch.
     """
 
     def __init__(
@@ -72,7 +80,7 @@ class Saturation(pl.Callback):
         downsampling: int | None = None,
         every_n_batches: int = 1,
         modes: list[Mode] = ["train", "eval"],  # noqa: B006
-        matmul_dtype: Literal["float64", "float32"] = "float64",
+        matmul_dtype: Literal["float32", "float64"] = "float32",
         dirpath: str | None = None,
         plot: bool = True,
     ) -> None:
@@ -182,6 +190,10 @@ class Saturation(pl.Callback):
         rows.append(row)
         write_csv(directory / csv_name, rows, UNITS)
         if self.plot:
-            tag = csv_name.removesuffix(".csv")
-            fig = plot_saturation(by_mode, self.tracker.names, f"{tag}, epoch {epoch}, delta {self.delta}")
+            tag, run = csv_name.removesuffix(".csv"), run_name(trainer)
+            fig = plot_saturation(by_mode, self.tracker.names, titled(f"saturation, epoch {epoch}, δ = {self.delta}", run))
             save_figure(trainer, fig, directory, f"{tag}_epoch{epoch:03d}", tag=tag)
+            if csv_name == "saturation.csv":  # a fit: the heatmap of every epoch so far
+                heatmap = plot_saturation_heatmap(rows, titled(f"saturation per epoch and layer, δ = {self.delta}", run))
+                if heatmap is not None:
+                    save_figure(trainer, heatmap, directory, "saturation_heatmap")

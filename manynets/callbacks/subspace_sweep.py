@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from manynets.analysis import output_dir, save_figure, train_and_test_loaders, write_csv
+from manynets.analysis import output_dir, run_name, save_figure, train_and_test_loaders, write_csv
 from manynets.analysis.subspace_plots import sweep_figures
 from manynets.analysis.subspace_sweep import UNITS, run_sweep, summary
 from manynets.errors import check_arg
@@ -82,6 +82,6 @@ class SubspaceSweep(Callback):
         metrics = summary(rows, pl_module.kind)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
-        for name, fig in sweep_figures(rows, pl_module.kind).items():
+        for name, fig in sweep_figures(rows, pl_module.kind, run_name(trainer)).items():
             save_figure(trainer, fig, out, name, tag=f"sweep/{name}", dpi=120)
         return rows

@@ -19,7 +19,8 @@ slots; for small C (MIMONet's C0 = 64) one GEMM with the keys' circulant matrice
 and ``method="auto"`` picks it there (both are exact; see :func:`hrr_bind_bundle`).
 
 :func:`hrr_bind_bundle` is a ``torch.library`` custom op (``manynets::hrr_bind_bundle``) with a
-fake (meta) implementation and an autograd formula, so ``torch.compile`` traces it as one node. Its
+fake (meta) implementation, an autograd formula and an autocast rule (float32 inside autocast regions:
+cuFFT has no bf16), so ``torch.compile`` traces it as one node and ``bf16-mixed`` binds in float32. Its
 implementation is the torch reference and runs on any device; a fused GPU bind-and-bundle kernel is
 not provided (no GPU was available to test one against this reference).
 
@@ -226,3 +227,9 @@ def _backward(ctx, grad: Tensor):
 
 
 hrr_bind_bundle.register_autograd(_backward, setup_context=_setup_context)
+
+# Under autocast (bf16-mixed, fp16) the op casts its inputs to float32 and computes, and returns, float32:
+# cuFFT and PocketFFT have no bf16 transforms, and the circulant GEMM sums n·C products per output, which
+# bf16 (8 bits of mantissa) would round far more coarsely than the convolutions around it.
+for _device in ("cpu", "cuda"):
+    torch.library.register_autocast("manynets::hrr_bind_bundle", _device, torch.float32)

@@ -9,7 +9,9 @@ Subclasses implement :meth:`train_set` and :meth:`test_sets`, each taking the
 transform to apply; the base class does the seeded train/val split, the standard
 augmentation (random crop with padding 4, horizontal flip) and the loaders. The training loader is
 resumable: its order and augmentation depend only on (training seed, epoch, image) and its position is
-saved in checkpoints (:mod:`manynets.datamodules.resumable`), so a killed run resumes exactly.
+saved in checkpoints (:mod:`manynets.datamodules.resumable`), so a killed run resumes exactly. With
+``on_device`` every split lives as one uint8 tensor on the training device and batches are gathered,
+augmented and normalised there (:mod:`manynets.datamodules.on_device`), in the same order.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 
+from manynets.datamodules.on_device import DeviceLoader, in_memory
 from manynets.datamodules.resumable import EpochSampler, ResumableLoader, SeededItems
 from manynets.errors import DataError, check_arg
 
@@ -53,6 +56,11 @@ class ImageDataModule(pl.LightningDataModule):
             the data set's statistics (MixMo and the subspaces paper use other values; their configs set them).
         std: per-channel normalisation standard deviation, > 0 (one value: the same for every channel);
             ``None`` uses the data set's statistics.
+        on_device: keep each split as one uint8 tensor on the training device and crop, flip and normalise
+            whole batches there (no worker processes; ``num_workers``, ``pin_memory`` and
+            ``persistent_workers`` are unused). Same order, shards and resume as the DataLoader path, and
+            the same images without augmentation; crops and flips are drawn per (training seed, epoch, image)
+            from their own generator. Each process holds the whole data set.
     """
 
     num_classes: int
@@ -75,6 +83,7 @@ class ImageDataModule(pl.LightningDataModule):
         seed: int = 42,
         mean: tuple[float, ...] | None = None,
         std: tuple[float, ...] | None = None,
+        on_device: bool = False,
     ) -> None:
         super().__init__()
         d = "data.init_args."
@@ -101,6 +110,8 @@ class ImageDataModule(pl.LightningDataModule):
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
         self.seed = seed
+        self.on_device = on_device
+        self._device_images: dict[tuple, torch.Tensor] = {}  # uint8 images moved to a device, by source and device
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
         self.test_datasets: dict[str, Dataset] = {}
@@ -169,14 +180,20 @@ class ImageDataModule(pl.LightningDataModule):
             )
         return n_val
 
-    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader | DeviceLoader:
         """An evaluation loader (in order); ``train=True`` gives :meth:`train_dataloader`'s loader.
 
         Every loader owns a ``torch.Generator`` (for its workers' base seeds), so iterating a loader
-        never draws from the global generator that the training step uses.
+        never draws from the global generator that the training step uses. With ``on_device`` an
+        evaluation loader shards itself over the processes as Lightning shards a DataLoader's
+        (``DistributedSampler`` without shuffling: the last shard padded with the first images).
         """
         if train:
             return self._train_loader(dataset)
+        if self.on_device:
+            world, rank = self._world()
+            sampler = EpochSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
+            return DeviceLoader(*self._on_device(dataset), sampler, self.eval_batch_size, self.eval_transform())
         return DataLoader(
             dataset,
             batch_size=self.eval_batch_size,
@@ -187,27 +204,53 @@ class ImageDataModule(pl.LightningDataModule):
             generator=torch.Generator().manual_seed(self.seed),
         )
 
-    def _train_loader(self, dataset: Dataset) -> ResumableLoader:
+    def _world(self) -> tuple[int, int]:
+        """(number of processes, this process's rank) of the trainer; (1, 0) without one."""
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def _on_device(self, dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(images, labels, rows)`` of ``dataset`` (see :func:`~manynets.datamodules.on_device.in_memory`)
+        with images and labels on the trainer's device (the CPU without a trainer). Images move once per
+        source tensor and device (on the CPU they stay where they are: no copy of a memory-mapped file), so a
+        training split and its held-out validation rows share one copy."""
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        images, labels, rows = in_memory(dataset)
+        key = (images.data_ptr(), tuple(images.shape), tuple(images.stride()), str(device))
+        if key not in self._device_images:
+            moved = images.device != device
+            self._device_images[key] = images.to(device, memory_format=torch.contiguous_format) if moved else images
+        return self._device_images[key], labels.to(device), rows
+
+    def _train_loader(self, dataset: Dataset) -> ResumableLoader | DeviceLoader:
         """Shuffled by (training seed, epoch), sharded over the trainer's processes, augmentation seeded per
         (training seed, epoch, image), position saved in checkpoints: see :mod:`manynets.datamodules.resumable`."""
         trainer = self.trainer
-        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        world, rank = self._world()
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         sampler = EpochSampler(dataset, num_replicas=world, rank=rank, seed=seed)
         progress = None
         if trainer is not None:
             progress = lambda: trainer.fit_loop.epoch_loop.batch_progress.current.processed  # noqa: E731
-        loader = ResumableLoader(
-            SeededItems(dataset, seed),
-            batch_size=self.batch_size,
-            sampler=sampler,
-            drop_last=sampler.num_samples > self.batch_size,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers,
-            generator=torch.Generator().manual_seed(seed),
-            progress=progress,
-        )
+        drop_last = sampler.num_samples > self.batch_size
+        if self.on_device:
+            loader = DeviceLoader(
+                *self._on_device(dataset), sampler, self.batch_size, self.eval_transform(), augment=self.augment,
+                padding=self.crop_padding, flip=self.horizontal_flip, seed=seed, drop_last=drop_last,
+                progress=progress,
+            )  # fmt: skip
+        else:
+            loader = ResumableLoader(
+                SeededItems(dataset, seed),
+                batch_size=self.batch_size,
+                sampler=sampler,
+                drop_last=drop_last,
+                num_workers=self.num_workers,
+                pin_memory=self.pin_memory,
+                persistent_workers=self.persistent_workers,
+                generator=torch.Generator().manual_seed(seed),
+                progress=progress,
+            )
         fitting = trainer is not None and trainer.state.fn == "fit"
         if self._train_position is not None and fitting:
             # only a resumed fit continues mid-epoch; test/validate passes over the training data (BN recompute,
@@ -217,7 +260,7 @@ class ImageDataModule(pl.LightningDataModule):
         self._last_train_loader = loader
         return loader
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader | DeviceLoader:
         return self._loader(self.train_dataset, train=True)
 
     def state_dict(self) -> dict:

@@ -45,7 +45,9 @@ class CIFAR10DataModule(ImageDataModule):
         resolution: resize every image to this side (bilinear, antialiased) after the augmentation,
             as PHD-LAB's ``resolution`` (RandomCrop(32, pad 4) -> flip -> Resize(res) -> Normalize);
             ``image_shape`` becomes (3, res, res). ``None``: native 32 px.
-        Other arguments: see :class:`~manynets.datamodules.base.ImageDataModule`.
+        on_device: keep the images on the training device (150 MB for training, 30 MB for the test set) and
+            crop, flip, resize and normalise batches there (see
+            :class:`~manynets.datamodules.base.ImageDataModule`).
 
     After setup, ``noisy_indices`` holds the (sorted) indices of the relabelled training samples.
     """

@@ -43,14 +43,18 @@ SOURCES = {"cifar10": ("CIFAR-10-C", "https://zenodo.org/records/2535967"),
 class CIFARCorruptionsDataModule(ImageDataModule):
     """Clean CIFAR for training, then the clean test set and every corruption x severity as test sets.
 
+    The :class:`~manynets.datamodules.base.ImageDataModule` arguments go to the clean CIFAR module too, whose
+    statistics ``mean``/``std`` default to those of ``variant``.
+
     Args:
         variant: ``"cifar10"`` (CIFAR-10-C) or ``"cifar100"`` (CIFAR-100-C).
         corruptions: corruption names, in test-set order (``None``: all 19, see ``CORRUPTIONS``).
         severities: severities in 1..5, in test-set order.
         download: as in :class:`~manynets.datamodules.cifar.CIFAR10DataModule` (the download is of
             clean CIFAR only; the corrupted sets must be copied by hand).
-        Other arguments: see :class:`~manynets.datamodules.base.ImageDataModule`; they go to the clean
-            CIFAR module too, whose statistics ``mean``/``std`` default to those of ``variant``.
+        on_device: keep the clean training and test images and every requested corruption x severity test set
+            on the training device (30 MB each: 2.9 GB for all 19 x 5) and crop, flip and normalise there (see
+            :class:`~manynets.datamodules.base.ImageDataModule`).
 
     The corruption files are checked at ``setup`` of any stage, so a missing file fails before training.
     """

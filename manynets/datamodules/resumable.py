@@ -11,7 +11,9 @@ Three pieces make a run killed at any step continue as if it had never stopped:
   number of workers, not the prefetching, not the training step's own draws.
 - :class:`ResumableLoader`: a ``DataLoader`` with ``state_dict``/``load_state_dict``; Lightning saves
   the state in every checkpoint (``fit_loop.combined_loader``) and restores it when a run restarts
-  mid-epoch, so the loader skips the batches already trained on (indices only: nothing is loaded).
+  mid-epoch, so the loader skips the batches already trained on (indices only: nothing is loaded); its
+  position bookkeeping, :class:`TrainingPosition`, is shared with the on-device loader
+  (:mod:`manynets.datamodules.on_device`).
 """
 
 from __future__ import annotations
@@ -41,10 +43,14 @@ def mix_seed(*values: int) -> int:
 class EpochSampler(DistributedSampler):
     """Shuffles with a permutation of ``(seed, epoch)`` only, shards it like ``DistributedSampler``
     (rank r takes positions r, r + R, ...; the set padded to a multiple of R), skips ``skip`` leading
-    positions once (a resumed epoch), and yields ``epoch * len(dataset) + index``."""
+    positions once (a resumed epoch), and yields ``epoch * len(dataset) + index``.
 
-    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
+    ``shuffle=False`` keeps the data set's order: Lightning's sharding of evaluation loaders under DDP.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0,
+                 shuffle: bool = True) -> None:  # fmt: skip
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
         self.skip = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -79,13 +85,42 @@ class SeededItems(Dataset):
             generator.set_state(state)
 
 
-class ResumableLoader(DataLoader):
+class TrainingPosition:
+    """``state_dict``/``load_state_dict`` of a loader over an :class:`EpochSampler`: how far into its epoch
+    training got. Lightning saves the state in every checkpoint (``fit_loop.combined_loader``) and restores it
+    when a run restarts mid-epoch; the sampler then skips the batches already trained on.
+
+    The loader sets ``sampler``, ``batch_size``, ``progress`` (the trainer's batch count, or ``None``) and
+    counts the batches it hands out in ``_handed_out``.
+    """
+
+    sampler: EpochSampler
+    batch_size: int
+    progress: Callable[[], int] | None
+    _handed_out: int
+
+    def state_dict(self) -> dict[str, int]:
+        done = self.progress() if self.progress is not None else self._handed_out
+        return {"epoch": int(self.sampler.epoch), "batches": int(done), "batch_size": int(self.batch_size)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state.get("batch_size") != self.batch_size:
+            raise CheckpointMismatchError(
+                f"The checkpoint's training loader had batch_size {state.get('batch_size')}, this run has "
+                f"{self.batch_size}: resume with the data.init_args.batch_size the run was started with."
+            )
+        self.sampler.set_epoch(int(state["epoch"]))
+        self.sampler.skip = int(state["batches"]) * self.batch_size  # dropped if training moves to the next epoch
+
+
+class ResumableLoader(TrainingPosition, DataLoader):
     """A DataLoader over an :class:`EpochSampler` that remembers how far into its epoch training got.
+
+    Takes the arguments of ``torch.utils.data.DataLoader`` (its ``sampler`` must be an EpochSampler), plus:
 
     Args:
         progress: returns the number of batches of the current epoch already trained on (the
             trainer's batch progress); without it, the batches this loader has handed out.
-        Other arguments: those of ``torch.utils.data.DataLoader``; ``sampler`` must be an EpochSampler.
     """
 
     def __init__(self, *args: Any, progress: Callable[[], int] | None = None, **kwargs: Any) -> None:
@@ -100,16 +135,3 @@ class ResumableLoader(DataLoader):
         for batch in super().__iter__():
             self._handed_out += 1
             yield batch
-
-    def state_dict(self) -> dict[str, int]:
-        done = self.progress() if self.progress is not None else self._handed_out
-        return {"epoch": int(self.sampler.epoch), "batches": int(done), "batch_size": int(self.batch_size)}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if state.get("batch_size") != self.batch_size:
-            raise CheckpointMismatchError(
-                f"The checkpoint's training loader had batch_size {state.get('batch_size')}, this run has "
-                f"{self.batch_size}: resume with the data.init_args.batch_size the run was started with."
-            )
-        self.sampler.set_epoch(int(state["epoch"]))
-        self.sampler.skip = int(state["batches"]) * self.batch_size  # dropped if training moves to the next epoch

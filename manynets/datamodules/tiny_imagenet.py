@@ -62,7 +62,9 @@ class TinyImageNetDataModule(ImageDataModule):
     Args:
         in_memory: decode all images once into one uint8 tensor (about 1.2 GB for the training
             set) instead of decoding files on every access.
-        Other arguments: see :class:`~manynets.datamodules.base.ImageDataModule`.
+        on_device: decode all images once (as ``in_memory``, whatever its value) and keep them on the training
+            device, 1.2 GB for training and 0.12 GB for the test set, with crop, flip and normalisation there
+            (see :class:`~manynets.datamodules.base.ImageDataModule`).
 
     A copy with fewer than 200 classes in ``wnids.txt`` loads too; the head keeps 200 outputs.
     """
@@ -74,7 +76,7 @@ class TinyImageNetDataModule(ImageDataModule):
 
     def __init__(self, *, in_memory: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.in_memory = in_memory
+        self.in_memory = in_memory or self.on_device
         self._index: dict[str, tuple[list[Path], list[int]]] | None = None
         self._decoded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 

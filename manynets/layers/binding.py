@@ -14,6 +14,12 @@ its keys, ``sum_j x_(j mod n) (*) k_j = sum_i x_i (*) (sum_(j = i mod n) k_j)``
   each image are averaged (spec §1.1 step 7). MIMOConv never unbinds by correlation.
 - :func:`bind_regularization`: R_bind, pushes the HRR keys to be orthonormal (spec §1.3).
 
+Every binding of n slots is linear in the stacked slots: ``s = [M_1 ... M_n] [x_1; ...; x_n]`` at every
+pixel, with M_i the circulant matrix of the folded key (HRR), the folded matrix (MBAT) or r·I (sum).
+:meth:`_Binding.stacked_matrix` returns that (C, n·C) matrix, so a group's n slots, stored one after
+the other as (n·C, H·W), are bound and bundled by one GEMM without a copy (MBAT binds this way;
+HRR through :func:`manynets.cuda_ops.binding.hrr_bind_bundle`, which picks GEMM or FFT).
+
 Every binding takes the stem output of a group either as maps (G, n, C, H, W) (convolutional stems, the
 paper's case: the binding acts on the channels of every pixel) or as vectors (G, n, C) (a stem that
 ends in a Linear layer, e.g. an MLP: HRR is the circular convolution of the C features with the key,
@@ -27,7 +33,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from manynets.cuda_ops.binding import hrr_bind_bundle
+from manynets.cuda_ops.binding import MATMUL_MAX_CHANNELS, circulant, hrr_bind_bundle
 
 __all__ = [
     "HRRBinding",
@@ -84,6 +90,20 @@ class _Binding(nn.Module):
         """Binding regularizer (R_bind for HRR, 0 otherwise)."""
         return next(iter(self.parameters()), torch.zeros(())).new_zeros(())
 
+    def stacked_matrix(self, n: int) -> Tensor | None:
+        """(C, n·C) ``[M_1 ... M_n]``: ``s = sum_i M_i x_i`` binds and bundles n slots (repeated slots folded);
+        None where another formulation is cheaper (HRR from ``MATMUL_MAX_CHANNELS`` channels: FFT)."""
+        raise NotImplementedError
+
+    def bind_stacked(self, x: Tensor, n: int, out: Tensor | None = None) -> Tensor:
+        """Bind groups whose n slots are stored one after the other: x (G, n·C, P) -> (G, C, P), written
+        into ``out`` if given (one GEMM with :meth:`stacked_matrix`; ``out`` only without autograd)."""
+        matrix = self.stacked_matrix(n)
+        if matrix is None:
+            bound = self(x.view(x.shape[0], n, self.channels, x.shape[2], 1))[..., 0]
+            return bound if out is None else out.copy_(bound)
+        return torch.matmul(matrix.to(x.device, x.dtype), x, out=out)
+
 
 class SumBinding(_Binding):
     """Binding ``none``: the slots are summed unchanged (repeated slots count r times)."""
@@ -92,6 +112,16 @@ class SumBinding(_Binding):
         r = self._check(x)
         out = bundle(x)
         return out * r if r > 1 else out
+
+    def stacked_matrix(self, n: int) -> Tensor:
+        r = check_slots(n, self.num_slots)
+        return torch.eye(self.channels).mul_(r).repeat(1, n)
+
+    def bind_stacked(self, x: Tensor, n: int, out: Tensor | None = None) -> Tensor:
+        """The sum of the n slots times r (no GEMM with the identity blocks of :meth:`stacked_matrix`)."""
+        r = check_slots(n, self.num_slots)
+        out = torch.sum(x.view(x.shape[0], n, self.channels, x.shape[2]), 1, out=out)
+        return out.mul_(r) if r > 1 else out
 
 
 class HRRBinding(_Binding):
@@ -115,6 +145,12 @@ class HRRBinding(_Binding):
     def regularization(self) -> Tensor:
         return bind_regularization(self.keys)
 
+    def stacked_matrix(self, n: int) -> Tensor | None:
+        if self.channels >= MATMUL_MAX_CHANNELS:
+            return None
+        keys = repeated_slot_sum(self.keys, n)
+        return circulant(keys).permute(1, 0, 2).reshape(self.channels, n * self.channels)
+
 
 class MBATBinding(_Binding):
     """MBAT binding: z_j = M_j x_j with a learned C x C matrix per slot (official grouped 1x1 Conv2d).
@@ -129,8 +165,14 @@ class MBATBinding(_Binding):
         self.weight = nn.Parameter(torch.randn(num_slots, channels, channels) * std, requires_grad=trainable)
 
     def forward(self, x: Tensor) -> Tensor:
+        """One GEMM over the stacked slots (:meth:`stacked_matrix`); x (G, n, C, ...) is viewed, not copied."""
         self._check(x)
-        return torch.einsum("gnc...,ndc->gd...", x, repeated_slot_sum(self.weight, x.shape[1]).to(x.dtype))
+        g, n, c, *pixels = x.shape
+        return self.bind_stacked(x.reshape(g, n * c, -1), n).view(g, c, *pixels)
+
+    def stacked_matrix(self, n: int) -> Tensor:
+        weight = repeated_slot_sum(self.weight, n)  # (n, C_out, C_in)
+        return weight.permute(1, 0, 2).reshape(self.channels, n * self.channels)
 
 
 class LearnedUnbinding(nn.Module):
@@ -151,7 +193,8 @@ class LearnedUnbinding(nn.Module):
         r = check_slots(n, self.num_slots)
         g = features.shape[0]
         out = torch.relu(self.linear(features)).view(g, r, n, self.feature_dim)
-        return out.mean(1).reshape(g * n, self.feature_dim)
+        out = out[:, 0] if r == 1 else out.mean(1)  # n = N: one copy per image, nothing to average
+        return out.reshape(g * n, self.feature_dim)  # a view: rows g·n + i
 
 
 def bind_regularization(keys: Tensor) -> Tensor:

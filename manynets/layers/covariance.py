@@ -41,8 +41,7 @@ def layer_samples(
     ``interpolation_strategy='nearest'``). Other ranks: (B, ..., D) -> (B*..., D).
     """
     if output.dim() == 4:
-        if downsampling is not None and (output.shape[-1] > downsampling or output.shape[-2] > downsampling):
-            output = F.interpolate(output, size=(downsampling, downsampling), mode="nearest")
+        output = resized_map(output, downsampling)
         if conv_method == "channelwise":
             return output.permute(0, 2, 3, 1).reshape(-1, output.shape[1])
         if conv_method == "mean":
@@ -53,6 +52,13 @@ def layer_samples(
     if output.dim() < 2:
         raise ValueError(f"layer output of shape {tuple(output.shape)}; expected (B, D) or (B, C, H, W)")
     return output.reshape(-1, output.shape[-1])
+
+
+def resized_map(output: torch.Tensor, downsampling: int | None) -> torch.Tensor:
+    """A (B, C, H, W) map resized to d x d (nearest) when H or W > d (``downsampling = d``), else as is."""
+    if downsampling is not None and (output.shape[-1] > downsampling or output.shape[-2] > downsampling):
+        return F.interpolate(output, size=(downsampling, downsampling), mode="nearest")
+    return output
 
 
 class StreamingCovariance:
@@ -66,6 +72,10 @@ class StreamingCovariance:
     in place in float32, and the between-batch term ``sum_b n_b mu_b mu_b^T``, formed exactly in
     float64 from the batch sums when S is read (and every ``FOLD_EVERY`` batches to bound memory).
     The float32 products never carry the large uncentred mean, so there is no cancellation.
+
+    :meth:`update_maps` takes a conv output (B, C, H, W) channel-wise (every position a sample) and
+    writes the (C, B·H·W) matrix of the GEMM in one pass (centred, in float32 mode), instead of first
+    copying the (B·H·W, C) permutation and then centring it.
     """
 
     FOLD_EVERY = 256
@@ -100,6 +110,40 @@ class StreamingCovariance:
             if len(self._batch_sums) >= self.FOLD_EVERY:
                 self._fold()
         self.n += samples.shape[0]
+
+    def update_maps(self, maps: torch.Tensor) -> None:
+        """Add a conv output (B, C, *spatial) channel-wise: equal to ``update`` of its (B·H·W, C)
+        reshape (:func:`layer_samples`), without that copy."""
+        if maps.dim() < 3 or maps.shape[1] != self.dim:
+            raise ValueError(f"maps of shape {tuple(maps.shape)}; expected (B, {self.dim}, ...)")
+        x = maps.detach()
+        rows = x.movedim(1, -1)
+        if rows.is_contiguous():  # channels_last: the (N, C) samples are a free view
+            self.update(rows.reshape(-1, self.dim))
+            return
+        if x.device != self.sum.device:
+            self.sum_outer, self.sum = self.sum_outer.to(x.device), self.sum.to(x.device)
+        b = x.shape[0]
+        per_channel = x.reshape(b, self.dim, -1).transpose(0, 1)  # (C, B, H*W), a strided view
+        cols = torch.empty(per_channel.shape, dtype=self.matmul_dtype, device=x.device)
+        n = cols[0].numel()
+        if self.matmul_dtype == torch.float64:
+            cols.copy_(per_channel)
+            cols = cols.view(self.dim, n)
+            self.sum_outer.addmm_(cols, cols.T)
+            self.sum += cols.sum(1)
+        else:
+            batch_sum = per_channel.sum((1, 2), dtype=torch.float64)
+            torch.sub(per_channel, (batch_sum / n).to(cols.dtype)[:, None, None], out=cols)
+            cols = cols.view(self.dim, n)
+            if self._scatter is None:
+                self._scatter = torch.zeros(self.dim, self.dim, dtype=cols.dtype, device=x.device)
+            self._scatter.addmm_(cols, cols.T)
+            self._batch_sums.append(batch_sum)
+            self._batch_counts.append(n)
+            if len(self._batch_sums) >= self.FOLD_EVERY:
+                self._fold()
+        self.n += n
 
     def _fold(self) -> None:
         """Move W and the batch sums into the float64 S and s: ``S += W + sum_b s_b s_b^T / n_b``."""

@@ -19,8 +19,14 @@ the next layer, so every layer outputs a preactivation.
 ``A``/``B`` are stored in ``state_dtype`` (fp32, bf16 or fp16; the paper uses fp16), ``Amult`` in
 fp32 (it accumulates ``-lr`` and weight-decay factors; fp16 "eventually incurs large errors").
 ``layernorm=True`` uses ``s := 1`` inside the layer (official option, not used in the paper).
-The state lives in over-allocated storage that grows by ``GROWTH`` so an append does not copy the
-whole state; checkpoints hold exactly M rows and loading resizes the layer first;
+
+Storage. ``A`` and ``B`` live in blocks of ``block_size`` rows (all full but the last), which the
+chunked kernel walks in place: an append fills the last block and allocates new ones, so growing
+never copies the state and holds at most one block more than M rows. ``Amult`` (4 bytes a row, the
+parameter through which :class:`~manynets.layers.pi_optim.PiSGD` reaches the layer) is one fp32 tensor
+over-allocated by ``GROWTH``. :meth:`InfPiLayer.state_blocks` gives the blocks' rows (views),
+:meth:`InfPiLayer.state_tensor` one tensor (a copy). Checkpoints hold A, B and Amult as single tensors
+of exactly M rows, as before blocks existed; loading resizes the layer and fills its blocks.
 :func:`estimate_memory` predicts the state of a whole π-MLP after training (spec §1.9).
 ``reset_parameters`` re-draws a layer's initial state (an infinite layer drops its appended rows).
 The π-MLP built from these layers is :class:`manynets.networks.PiMLP`.
@@ -28,6 +34,7 @@ The π-MLP built from these layers is :class:`manynets.networks.PiMLP`.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from typing import Literal
 
@@ -41,7 +48,10 @@ StateDtype = Literal["float32", "bfloat16", "float16"]
 STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 NORM_EPS = 1e-20
 GROWTH = 1.5
-_STATE = ("A", "B", "Amult")
+"""Over-allocation factor of the Amult storage."""
+DEFAULT_BLOCK_ROWS = DEFAULT_CHUNK
+"""Rows per A/B block: the default chunk, so every chunk is a view into one block. Growing holds at most
+one block (0.5 of a block on average) beyond M rows: 12.5 MiB for r = 100 in fp32."""
 
 
 def to_state_dtype(name: str) -> torch.dtype:
@@ -54,7 +64,8 @@ def to_state_dtype(name: str) -> torch.dtype:
 class PiLinearFunction(torch.autograd.Function):
     """Forward of spec §1.3 and the custom backward of spec §1.4.
 
-    ``apply(g, pi_a, pi_b, A, B, Amult, layernorm, chunk_size)``. ``pi_a`` (b x r_out) and ``pi_b``
+    ``apply(g, pi_a, pi_b, A, B, Amult, layernorm, chunk_size)`` (A and B tensors or lists of row blocks,
+    :mod:`manynets.cuda_ops.pi_kernel`). ``pi_a`` (b x r_out) and ``pi_b``
     (b x r) are zero dummies that the output does not depend on; their "gradients" are the per-sample
     rows to append: ``pi_a.grad = delta * s`` (s = 1 with layernorm), ``pi_b.grad = gbar``.
     ``g`` gets the true gradient ``(gamma phi'(q)) B + [sum_m gamma psi] g``.
@@ -65,14 +76,14 @@ class PiLinearFunction(torch.autograd.Function):
         s = g.norm(dim=1).clamp_min(NORM_EPS)
         gbar = g / s[:, None]
         s_eff = torch.ones_like(s) if layernorm else s
-        ctx.save_for_backward(gbar, s, s_eff, A, B, Amult)
-        ctx.layernorm, ctx.chunk_size = layernorm, chunk_size
+        ctx.save_for_backward(gbar, s, s_eff, Amult)
+        ctx.blocks, ctx.layernorm, ctx.chunk_size = (A, B), layernorm, chunk_size
         return pi_forward(gbar, s_eff, A, B, Amult, chunk_size)
 
     @staticmethod
     def backward(ctx, delta):
-        gbar, s, s_eff, A, B, Amult = ctx.saved_tensors
-        grad = pi_backward(delta, gbar, A, B, Amult, ctx.chunk_size)
+        gbar, s, s_eff, Amult = ctx.saved_tensors
+        grad = pi_backward(delta, gbar, *ctx.blocks, Amult, ctx.chunk_size)
         if ctx.layernorm:  # remove the radial part, then divide by the input norm
             grad = (grad - (grad * gbar).sum(1, keepdim=True) * gbar) / s[:, None]
         grad_g = grad.to(gbar.dtype) if ctx.needs_input_grad[0] else None
@@ -109,7 +120,8 @@ class InfPiLayer(nn.Module):
     """An infinite-width π-layer r_in -> r_out with growing state A, B, Amult (module doc).
 
     Args:
-        r_in, r_out: coefficient dimensions of input and output (r, or d_out for the readout).
+        r_in: coefficient dimension of the input (r).
+        r_out: coefficient dimension of the output (r, or d_out for the readout).
         zero_init: A = 0 (the readout of ``pilimit_lib``: output 0 at init); else A ~ N(0, a_std^2).
         a_std: init std of A; default r_in^-1/2 (hidden layers; ``pilimit_orig``'s readout uses 1/r).
         alpha: output multiplier (the readout's alpha_{L+1}; 1 for hidden layers).
@@ -117,26 +129,31 @@ class InfPiLayer(nn.Module):
         layernorm: ``s := 1`` inside the layer (spec §1.3).
         state_dtype: dtype of A and B.
         chunk_size: rows of M per chunk in the kernel.
+        block_size: rows per block of the A/B storage (module doc).
+        generator: random generator of the initial state (None: the global one).
     """
 
     def __init__(self, r_in: int, r_out: int, *, zero_init: bool = False, a_std: float | None = None,
                  alpha: float = 1.0, bias_alpha: float = 1.0, layernorm: bool = False,
                  state_dtype: StateDtype = "float32", chunk_size: int = DEFAULT_CHUNK,
-                 generator: torch.Generator | None = None) -> None:  # fmt: skip
+                 block_size: int = DEFAULT_BLOCK_ROWS, generator: torch.Generator | None = None) -> None:  # fmt: skip
         super().__init__()
         if r_in < 1 or r_out < 1:
             raise ValueError(f"InfPiLayer r_in={r_in}, r_out={r_out}; expected both >= 1.")
         if chunk_size < 1:
             raise ValueError(f"chunk_size={chunk_size}; expected >= 1 rows.")
-        dtype = to_state_dtype(state_dtype)
-        self.A = nn.Parameter(torch.empty(r_in, r_out, dtype=dtype), requires_grad=False)
-        self.B = nn.Parameter(torch.empty(r_in, r_in, dtype=dtype), requires_grad=False)
+        if block_size < 1:
+            raise ValueError(f"block_size={block_size}; expected >= 1 rows.")
+        self._dtype = to_state_dtype(state_dtype)
         self.Amult = nn.Parameter(torch.empty(r_in), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(r_out))
         self.r_in, self.r_out, self.alpha, self.bias_alpha = r_in, r_out, alpha, bias_alpha
         self.zero_init, self.a_std = zero_init, r_in**-0.5 if a_std is None else a_std
-        self.layernorm, self.chunk_size = layernorm, chunk_size
-        self._stores: dict[str, torch.Tensor] = {}
+        self.layernorm, self.chunk_size, self.block_size = layernorm, chunk_size, block_size
+        self._blocks: dict[str, list[torch.Tensor]] = {"A": [], "B": []}
+        self._rows = 0
+        self._amult_store: torch.Tensor | None = None
+        self._meta_state = False
         self._pi_a: torch.Tensor | None = None
         self._pi_b: torch.Tensor | None = None
         self._link()
@@ -147,8 +164,16 @@ class InfPiLayer(nn.Module):
 
     def __setstate__(self, state) -> None:  # copy.deepcopy and pickling: the copy's Amult points to the copy
         super().__setstate__(state)
-        self._stores = {}
+        self._amult_store = None
         self._link()
+
+    def _apply(self, fn, recurse: bool = True):
+        """``.to()``, ``.half()``, ``.cuda()``, ...: the A/B blocks follow the registered tensors."""
+        super()._apply(fn, recurse)
+        self._blocks = {name: [fn(block) for block in blocks] for name, blocks in self._blocks.items()}
+        if self._blocks["A"]:
+            self._dtype = self._blocks["A"][0].dtype
+        return self
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -160,21 +185,43 @@ class InfPiLayer(nn.Module):
             A = torch.zeros(self.r_in, self.r_out)
         else:
             A = torch.randn(self.r_in, self.r_out, generator=generator) * self.a_std
-        for name, value in (("A", A), ("B", B), ("Amult", torch.ones(self.r_in))):
-            param = getattr(self, name)
-            param.data = value.to(param.device, param.dtype)
-        self._stores = {}
+        self._blocks, self._rows = {"A": [], "B": []}, 0
+        self.resize_rows(self.r_in)
+        self._write_rows(0, A.to(self._dtype), B.to(self._dtype))
+        self.Amult.fill_(1.0)
         self.bias.zero_()
         self.zero_pi_grads()
 
     @property
     def num_rows(self) -> int:
         """M, the number of rows of the state."""
-        return self.A.shape[0]
+        return self._rows
+
+    @property
+    def state_dtype(self) -> torch.dtype:
+        """dtype of A and B."""
+        return self._dtype
+
+    def state_blocks(self, name: Literal["A", "B"]) -> list[torch.Tensor]:
+        """The filled rows of every block of ``A`` or ``B`` in order (views; together the M rows)."""
+        size, m = self.block_size, self._rows
+        return [block[: min(size, m - i * size)] for i, block in enumerate(self._blocks[name])]
+
+    def state_tensor(self, name: Literal["A", "B", "Amult"]) -> torch.Tensor:
+        """``A`` (M x r_out), ``B`` (M x r_in) as one tensor (a concatenated copy), or ``Amult`` (M)."""
+        if name == "Amult":
+            return self.Amult.detach().clone()
+        width = self.r_out if name == "A" else self.r_in
+        blocks = self.state_blocks(name)
+        return torch.cat(blocks) if blocks else torch.empty(0, width, dtype=self._dtype, device=self.Amult.device)
+
+    def state_nbytes(self) -> int:
+        """Bytes of the M rows of A and B (a checkpoint's share; the storage holds up to one block more)."""
+        return self._rows * (self.r_out + self.r_in) * self._dtype.itemsize
 
     def extra_repr(self) -> str:
-        return (f"r_in={self.r_in}, r_out={self.r_out}, M={self.num_rows}, dtype={self.A.dtype}, "
-                f"alpha={self.alpha}, layernorm={self.layernorm}")  # fmt: skip
+        return (f"r_in={self.r_in}, r_out={self.r_out}, M={self.num_rows}, dtype={self._dtype}, "
+                f"block_size={self.block_size}, alpha={self.alpha}, layernorm={self.layernorm}")  # fmt: skip
 
     def forward(self, g: torch.Tensor) -> torch.Tensor:
         if g.dim() != 2 or g.shape[1] != self.r_in:
@@ -185,7 +232,8 @@ class InfPiLayer(nn.Module):
             pi_a, pi_b = self._pi_a, self._pi_b
         else:
             pi_a = pi_b = g.new_zeros(())
-        out = PiLinearFunction.apply(g, pi_a, pi_b, self.A, self.B, self.Amult, self.layernorm, self.chunk_size)
+        out = PiLinearFunction.apply(g, pi_a, pi_b, self.state_blocks("A"), self.state_blocks("B"), self.Amult,
+                                     self.layernorm, self.chunk_size)  # fmt: skip
         out = out + self.bias_alpha * self.bias
         return out if self.alpha == 1.0 else self.alpha * out
 
@@ -205,32 +253,52 @@ class InfPiLayer(nn.Module):
         self._pi_a = self._pi_b = None
 
     # -- growing state -------------------------------------------------------------
-    def _store(self, name: str) -> torch.Tensor:
-        """The over-allocated tensor whose first M rows are the parameter (re-adopted after .to / load)."""
-        param, store = getattr(self, name), self._stores.get(name)
+    def _write_rows(self, lo: int, a_rows: torch.Tensor, b_rows: torch.Tensor) -> None:
+        """Copy ``a_rows`` / ``b_rows`` into rows [lo, lo + k) of the (allocated) A/B blocks."""
+        size, done = self.block_size, 0
+        while done < a_rows.shape[0]:
+            i, row = divmod(lo + done, size)
+            take = min(a_rows.shape[0] - done, size - row)
+            self._blocks["A"][i][row : row + take].copy_(a_rows[done : done + take])
+            self._blocks["B"][i][row : row + take].copy_(b_rows[done : done + take])
+            done += take
+
+    def _amult(self) -> torch.Tensor:
+        """Amult's storage: a tensor whose first M entries are the parameter (re-adopted after .to / load)."""
+        store, param = self._amult_store, self.Amult
         if store is None or param.data_ptr() != store.data_ptr() or store.dtype != param.dtype or store.device != param.device:
-            store = self._stores[name] = param.data
+            store = self._amult_store = param.data
         return store
 
     @torch.no_grad()
     def append_rows(self, a_rows: torch.Tensor, b_rows: torch.Tensor, amult: float | torch.Tensor) -> None:
-        """Append rows ``A += a_rows``, ``B += b_rows``, ``Amult += amult`` (spec §1.5)."""
+        """Append rows ``A += a_rows``, ``B += b_rows``, ``Amult += amult`` (spec §1.5); A/B rows go into the
+        last block's free rows and new blocks, Amult grows by ``GROWTH`` when full."""
         k = a_rows.shape[0]
         if a_rows.shape != (k, self.r_out) or b_rows.shape != (k, self.r_in):
             raise ValueError(
                 f"append_rows: got A-rows {tuple(a_rows.shape)} and B-rows {tuple(b_rows.shape)}; "
                 f"expected ({k}, {self.r_out}) and ({k}, {self.r_in})."
             )
-        m = self.num_rows
-        new = {"A": a_rows, "B": b_rows, "Amult": torch.as_tensor(amult).expand(k)}
-        for name in _STATE:
-            param, store = getattr(self, name), self._store(name)
-            if m + k > store.shape[0]:
-                grown = store.new_empty((max(m + k, int(store.shape[0] * GROWTH)), *store.shape[1:]))
-                grown[:m].copy_(store[:m])
-                store = self._stores[name] = grown
-            store[m : m + k].copy_(new[name])
-            param.data = store[: m + k]
+        m, store = self._rows, self._amult()
+        if m + k > store.shape[0]:
+            grown = store.new_empty(max(m + k, int(store.shape[0] * GROWTH)))
+            grown[:m].copy_(store[:m])
+            store = self._amult_store = grown
+        store[m : m + k].copy_(torch.as_tensor(amult).expand(k))
+        self.Amult.data = store[: m + k]
+        self._allocate(m + k)
+        self._write_rows(m, a_rows, b_rows)
+        self._rows = m + k
+
+    def _allocate(self, m: int) -> None:
+        """Exactly the blocks that m rows need (new blocks uninitialised; blocks past them freed)."""
+        count = -(-m // self.block_size)
+        for name, width in (("A", self.r_out), ("B", self.r_in)):
+            blocks = self._blocks[name]
+            del blocks[count:]
+            while len(blocks) < count:
+                blocks.append(torch.empty(self.block_size, width, dtype=self._dtype, device=self.Amult.device))
 
     @torch.no_grad()
     def decay(self, factor: float) -> None:
@@ -240,29 +308,58 @@ class InfPiLayer(nn.Module):
 
     @torch.no_grad()
     def resize_rows(self, m: int) -> None:
-        """Make the state exactly m rows (new rows uninitialised); used before loading a checkpoint."""
-        for name in _STATE:
-            param = getattr(self, name)
-            if param.shape[0] != m or self._store(name).shape[0] != param.shape[0]:
-                param.data = param.data.new_empty((m, *param.shape[1:]))
-                self._stores[name] = param.data
+        """Make the state exactly m rows (rows past the current M uninitialised; existing blocks are kept, not
+        copied); used before loading a checkpoint."""
+        self._allocate(m)
+        self._rows = m
+        if self.Amult.shape[0] != m or self._amult().shape[0] != m:
+            self.Amult.data = self.Amult.data.new_empty(m)
+            self._amult_store = self.Amult.data
 
-    def _compact(self) -> None:
-        for name in _STATE:
-            param = getattr(self, name)
-            if self._store(name).shape[0] != param.shape[0]:
-                param.data = param.data.clone()
-                self._stores[name] = param.data
-
+    # -- checkpoints: A and B as one tensor each (the format of unblocked layers) ---
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        self._compact()  # a view of a larger storage would save the whole storage
+        for name, width in (("A", self.r_out), ("B", self.r_in)):
+            if self._meta_state:
+                destination[prefix + name] = torch.empty(self._rows, width, dtype=self._dtype, device="meta")
+            else:
+                destination[prefix + name] = self.state_tensor(name)
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        amult = destination[prefix + "Amult"]
+        if not keep_vars and not self._meta_state and amult.untyped_storage().nbytes() > amult.nbytes:
+            destination[prefix + "Amult"] = amult.clone()  # a view would save Amult's whole over-allocated storage
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        saved = state_dict.get(prefix + "A")
-        if saved is not None and saved.shape[0] != self.num_rows:
-            self.resize_rows(saved.shape[0])
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):  # fmt: skip
+        keys = {name: prefix + name for name in ("A", "B")}
+        saved = {name: state_dict.get(key) for name, key in keys.items()}
+        missing_keys.extend(key for name, key in keys.items() if saved[name] is None)
+        if all(t is not None for t in saved.values()):
+            m = saved["A"].shape[0]
+            expected = {"A": (m, self.r_out), "B": (m, self.r_in)}
+            bad = [name for name in keys if tuple(saved[name].shape) != expected[name]]
+            error_msgs.extend(f"size mismatch for {keys[n]}: copying a param with shape {tuple(saved[n].shape)} from "
+                              f"checkpoint, the shape in current model is {expected[n]}." for n in bad)  # fmt: skip
+            if not bad:
+                with torch.no_grad():
+                    if m != self._rows:
+                        self.resize_rows(m)
+                    self._write_rows(0, saved["A"], saved["B"])
+        rest = {k: v for k, v in state_dict.items() if k not in keys.values()}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+
+@contextlib.contextmanager
+def state_shapes_only(module: nn.Module):
+    """Within it, ``module.state_dict()`` gives the A/B of its infinite π-layers as meta tensors (shape and
+    dtype, no concatenated copy of the blocks): for checks that compare shapes."""
+    layers = [m for m in module.modules() if isinstance(m, InfPiLayer)]
+    for layer in layers:
+        layer._meta_state = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer._meta_state = False
 
 
 def pi_layer_rows(state_dict: dict, prefix: str = "") -> dict[str, int]:
@@ -271,19 +368,26 @@ def pi_layer_rows(state_dict: dict, prefix: str = "") -> dict[str, int]:
 
 
 def estimate_memory(d_in: int, d_out: int, r: int, depth: int, batch_size: int, steps: int,
-                    state_dtype: StateDtype = "float32", chunk_size: int = DEFAULT_CHUNK) -> dict[str, float]:  # fmt: skip
+                    state_dtype: StateDtype = "float32", chunk_size: int = DEFAULT_CHUNK,
+                    block_size: int = DEFAULT_BLOCK_ROWS) -> dict[str, float]:  # fmt: skip
     """Final state size and peak training memory of an infinite π-MLP after ``steps`` steps of ``batch_size``
     (spec §1.9): an input layer d_in -> r, ``depth - 1`` hidden layers r -> r and a readout r -> d_out.
 
     Each infinite layer ends with M = r + batch_size * steps rows of A (r_out), B (r) in ``state_dtype``
-    and Amult in fp32. The storage is over-allocated by up to ``GROWTH`` (1.5) so appends are amortised,
-    and growing one layer briefly holds its old and new storage; the kernel adds a few (batch x chunk)
-    fp32 matrices. Returns ``rows`` (M), ``state`` (bytes of a checkpoint's tensors) and ``peak``
-    (upper bound of the bytes held during training, excluding activations of the input layer).
+    and Amult in fp32. A/B storage is M rows rounded up to whole blocks of ``block_size`` rows; Amult's
+    is over-allocated by up to ``GROWTH`` and growing it briefly holds the old and the new one; the kernel
+    adds a few (batch x chunk) fp32 matrices (and a chunk of A/B cast to fp32 when stored in 16 bits, or
+    copied where a chunk crosses a block border). Returns ``rows`` (M), ``state`` (bytes of a checkpoint's
+    tensors) and ``peak`` (upper bound of the bytes held during training, excluding activations of the input
+    layer; saving a checkpoint adds one concatenated copy of the state).
     """
     item = to_state_dtype(state_dtype).itemsize
     m = r + batch_size * steps
-    layers = [m * (r_out + r) * item + 4 * m + 4 * r_out for r_out in [r] * (depth - 1) + [d_out]]
-    state = sum(layers) + 4 * (d_in * r + r)
-    work = 6 * 4 * batch_size * min(chunk_size, m)
-    return {"rows": m, "state": state, "peak": GROWTH * sum(layers) + max(layers) + 4 * (d_in * r + r) + work}
+    r_outs = [r] * (depth - 1) + [d_out]
+    inputs = 4 * (d_in * r + r)
+    state = sum(m * (r_out + r) * item + 4 * m + 4 * r_out for r_out in r_outs) + inputs
+    blocks = -(-m // block_size) * block_size
+    storage = sum(blocks * (r_out + r) * item + GROWTH * 4 * m + 4 * r_out for r_out in r_outs)
+    chunk = min(chunk_size, m)
+    work = 6 * 4 * batch_size * chunk + 2 * 4 * chunk * (r + max(r_outs))
+    return {"rows": m, "state": state, "peak": storage + 4 * m + inputs + work}

@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from manynets.cuda_ops.pi_kernel import row_chunks
 from manynets.layers.pi import InfPiLayer, PiInputLayer
 
 
@@ -92,10 +93,9 @@ class PiReLU(nn.Module):
 def _readout_sum(layer: InfPiLayer, omega_prev: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
     """sum over M of (Amult * A)^T relu(B Omega_prev^T): (r_out x n), chunked over M, in Omega's dtype."""
     out, dtype = omega_prev.new_zeros(layer.r_out, omega_prev.shape[0]), omega_prev.dtype
-    for lo in range(0, layer.num_rows, chunk):
-        hi = min(lo + chunk, layer.num_rows)
-        a = layer.A[lo:hi].to(dtype) * layer.Amult[lo:hi, None].to(dtype)
-        out += a.T @ torch.relu(layer.B[lo:hi].to(dtype) @ omega_prev.T)
+    for A, B, Amult in row_chunks(chunk, layer.state_blocks("A"), layer.state_blocks("B"), layer.Amult.detach()):
+        a = A.to(dtype) * Amult[:, None].to(dtype)
+        out += a.T @ torch.relu(B.to(dtype) @ omega_prev.T)
     return out
 
 

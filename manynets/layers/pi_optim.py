@@ -83,7 +83,7 @@ def gradient_norms(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
     out, pi_state = [], set()
     for module in model.modules():
         if isinstance(module, InfPiLayer):
-            pi_state.update(id(getattr(module, n)) for n in ("A", "B", "Amult"))
+            pi_state.add(id(module.Amult))  # A/B are not parameters (blocks, manynets.layers.pi)
             rows = module.pi_grads()
             if rows is not None:
                 out.append((rows[0], module.pi_grad_norm()))

@@ -1,39 +1,35 @@
 """BatchNorm statistics of subspace points and the packed evaluation of many points (spec §3.3).
 
-The subspace BN layers share one set of running statistics, so the statistics of a point must
-be recomputed before evaluating it. :func:`recompute_bn` is the official ``update_bn``: reset the
-buffers, cumulative mean (``momentum=None``) over one pass of the (augmented) training data in
-train mode with the point fixed, restore the momentum. Sweeping 21 points that way costs 21 passes
-over the training data (the official sweep even does 42: two model copies per α₀).
+The subspace BN layers share one set of running statistics, so the statistics of a point must be
+recomputed before evaluating it: the official ``update_bn`` resets the buffers and takes the
+cumulative mean (``momentum=None``) over one pass of the (augmented) training data in train mode
+with the point fixed. This module holds the state changes that recompute needs
+(:func:`cumulative_statistics`, per-point buffers with :func:`point_statistics` and
+:func:`packed_points`); the loops over a data loader are in :mod:`manynets.analysis.bn_recompute`.
 
-:func:`collect_bn_statistics` computes the statistics of P points in ONE pass: each batch goes
-through the network once per chunk of points in packed mode (the P points side by side in the
-channel dimension, see :mod:`manynets.layers.subspace`), with per-point buffers updated by the same
-cumulative average. It equals P calls of :func:`recompute_bn` on the same batches (tested).
-:func:`packed_logits` then evaluates the P points, each with its own statistics, in one pass over
-the test data.
+Several points can run in one forward, packed side by side in the channel dimension (see
+:mod:`manynets.layers.subspace`), each BN with per-point buffers updated by the same cumulative
+average; :func:`packed_logits` evaluates P points, each with its own statistics, on one batch.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import torch
 from torch import nn
 
-from manynets.layers.subspace import SubspaceMixin, _SubspaceBatchNorm, set_point, subspace_layers
+from manynets.layers.subspace import (
+    SubspaceMixin,
+    _SubspaceBatchNorm,
+    combined_parameters,
+    set_point,
+    subspace_layers,
+)
 
 Stats = dict[str, tuple[torch.Tensor, torch.Tensor]]
 """BN layer name -> (running_mean (P, C), running_var (P, C))."""
-
-
-def _images(batch) -> torch.Tensor:
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
-
-
-def _device(network: nn.Module) -> torch.device:
-    return next(network.parameters()).device
 
 
 def bn_layers(network: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
@@ -41,18 +37,12 @@ def bn_layers(network: nn.Module) -> list[tuple[str, nn.modules.batchnorm._Batch
     return [(n, m) for n, m in network.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
-@torch.no_grad()
-def recompute_bn(
-    network: nn.Module, batches: Iterable, coefficients: torch.Tensor | None = None, max_batches: int | None = None
-) -> None:
-    """Official ``update_bn`` (spec §3.3) at the point ``coefficients`` (S,), or the current point.
-
-    Resets every BN's running_mean = 0, running_var = 1, num_batches_tracked = 0, sets momentum None
-    (cumulative mean), forwards ``batches`` in train mode, then restores momentum and mode. The
-    running mean is then the mean of the per-batch means (running_var: of the unbiased variances).
-    """
-    if coefficients is not None:
-        set_point(network, coefficients)
+@contextmanager
+def cumulative_statistics(network: nn.Module) -> Iterator[None]:
+    """Official ``update_bn`` state (spec §3.3): every BN's running_mean = 0, running_var = 1,
+    num_batches_tracked = 0 and momentum None (cumulative mean), the network in train mode; momentum
+    and mode restored on exit. Forwards inside the block make running_mean the mean of the per-batch
+    means (running_var: of the unbiased batch variances)."""
     layers = [m for _, m in bn_layers(network)]
     momenta = [m.momentum for m in layers]
     for m in layers:
@@ -60,16 +50,34 @@ def recompute_bn(
         m.momentum = None
     was_training = network.training
     network.train()
-    device = _device(network)
     try:
-        for b, batch in enumerate(batches):
-            if max_batches is not None and b >= max_batches:
-                break
-            network(_images(batch).to(device))
+        yield
     finally:
         for m, momentum in zip(layers, momenta):
             m.momentum = momentum
         network.train(was_training)
+
+
+@contextmanager
+def point_statistics(
+    layers: list[SubspaceMixin], bns: list[_SubspaceBatchNorm], coefficients: torch.Tensor, stats: list | None
+) -> Iterator[None]:
+    """Put P points (coefficients (P, S), one tensor shared by all ``layers``) and, optionally, per-point
+    BN buffers ``stats`` (aligned with ``bns``: [mean (P·C,), var (P·C,), [count]]); restores the previous
+    points on exit. The cheap form of :func:`packed_points` for loops that switch points every batch."""
+    previous = [layer.coefficients for layer in layers]
+    for layer in layers:
+        layer.coefficients = coefficients
+    if stats is not None:
+        for m, st in zip(bns, stats):
+            m.point_stats = st
+    try:
+        yield
+    finally:
+        for layer, c in zip(layers, previous):
+            layer.coefficients = c
+        for m in bns:
+            m.point_stats = None
 
 
 @contextmanager
@@ -95,12 +103,8 @@ def packed_points(network: nn.Module, coefficients: torch.Tensor, stats: dict | 
             m.point_stats = None
 
 
-def _chunks(num_points: int, chunk_size: int | None) -> list[tuple[int, int]]:
-    size = chunk_size or num_points
-    return [(lo, min(lo + size, num_points)) for lo in range(0, num_points, size)]
-
-
-def _check_bns(network: nn.Module) -> list[tuple[str, _SubspaceBatchNorm]]:
+def subspace_bns(network: nn.Module) -> list[tuple[str, _SubspaceBatchNorm]]:
+    """(name, module) of every BN of ``network``; raises if one is not a subspace BN."""
     layers = bn_layers(network)
     plain = [n for n, m in layers if not isinstance(m, _SubspaceBatchNorm)]
     if plain:
@@ -108,51 +112,9 @@ def _check_bns(network: nn.Module) -> list[tuple[str, _SubspaceBatchNorm]]:
     return layers
 
 
-@torch.no_grad()
-def collect_bn_statistics(
-    network: nn.Module,
-    batches: Iterable,
-    coefficients: torch.Tensor,
-    chunk_size: int | None = None,
-    max_batches: int | None = None,
-) -> Stats:
-    """BN statistics of P points (coefficients (P, S)) in one pass over ``batches``.
-
-    Same result as :func:`recompute_bn` once per point (cumulative mean of the batch means and of
-    the unbiased batch variances), but each batch is loaded once and the points run ``chunk_size``
-    at a time (default: all P) as one packed forward. Returns name -> (mean (P, C), var (P, C)); the
-    shared buffers are left untouched.
-    """
-    layers = _check_bns(network)
-    p = coefficients.shape[0]
-    device = _device(network)
-    dd = {"device": device, "dtype": next(network.parameters()).dtype}
-    buffers = {n: (torch.zeros(p * m.num_features, **dd), torch.ones(p * m.num_features, **dd)) for n, m in layers}
-    chunks = _chunks(p, chunk_size)
-    counts = {(n, c): [0] for n, _ in layers for c in range(len(chunks))}
-    was_training = network.training
-    network.train()
-    try:
-        for b, batch in enumerate(batches):
-            if max_batches is not None and b >= max_batches:
-                break
-            x = _images(batch).to(device)
-            for c, (lo, hi) in enumerate(chunks):
-                stats = {}
-                for n, m in layers:
-                    mean, var = buffers[n]
-                    k = m.num_features
-                    stats[n] = (mean[lo * k : hi * k], var[lo * k : hi * k], counts[(n, c)])
-                with packed_points(network, coefficients[lo:hi], stats):
-                    network(x)
-    finally:
-        network.train(was_training)
-    return {n: (mean.view(p, -1), var.view(p, -1)) for n, (mean, var) in buffers.items()}
-
-
 def load_bn_statistics(network: nn.Module, stats: Stats, index: int) -> None:
     """Copy point ``index``'s statistics from ``stats`` into the shared running buffers."""
-    for name, m in _check_bns(network):
+    for name, m in subspace_bns(network):
         mean, var = stats[name]
         m.running_mean.copy_(mean[index])
         m.running_var.copy_(var[index])
@@ -180,7 +142,7 @@ def packed_logits(
     was_training = network.training
     network.eval()
     try:
-        with packed_points(network, coefficients, packed):
+        with packed_points(network, coefficients, packed), combined_parameters(network):  # one point: combined once
             features = network.pool(network.body(network.stem(x)))
             logits = network.head(features)
     finally:
@@ -221,9 +183,10 @@ __all__ = [
     "SubspaceMixin",
     "bn_layers",
     "check_packed",
-    "collect_bn_statistics",
+    "cumulative_statistics",
     "load_bn_statistics",
     "packed_logits",
     "packed_points",
-    "recompute_bn",
+    "point_statistics",
+    "subspace_bns",
 ]

@@ -49,7 +49,7 @@ from manynets.lightning_modules.optimization import factory_target as _factory_t
 from manynets.metrics import Disagreement, classification_metrics  # noqa: F401 (re-exported)
 from manynets.networks import Backbone
 
-BackboneFactory = Callable[[int, tuple[int, int, int]], nn.Module]
+BackboneFactory = Callable[[int, tuple[int, int, int]], Backbone]
 """A backbone class with its options; called as ``backbone(num_classes, image_shape)``."""
 
 
@@ -99,7 +99,8 @@ class ClassifierModule(OptimizationMixin, pl.LightningModule):
     Args:
         backbone: backbone class and options, e.g. ``{class_path: manynets.networks.WideResNet,
             init_args: {depth: 28, width: 10}}``; ``num_classes`` and ``image_shape`` come from the data.
-        num_classes, image_shape: linked from the data module by the CLI.
+        num_classes: number of classes (linked from the data module by the CLI).
+        image_shape: (channels, height, width) of the input images (linked from the data module by the CLI).
         optimizer: optimizer class and options; it receives the parameter groups.
         lr_scheduler: scheduler class and options. ``total_steps`` (OneCycleLR) and ``T_max``
             (CosineAnnealingLR) are filled in from the trainer when not given.
@@ -110,7 +111,15 @@ class ClassifierModule(OptimizationMixin, pl.LightningModule):
         no_weight_decay: what gets weight decay 0: ``"norm"`` (all normalisation layers), ``"bias"``
             (all biases), a module class name (e.g. ``PReLU``) or a substring of a parameter name.
         label_smoothing: label smoothing of the cross-entropy.
+        channels_last: keep the 4-D weights (convolutions) and the image batches in the channels-last
+            memory format (NHWC), the layout fast convolution kernels want under ``bf16-mixed`` (cuDNN, oneDNN);
+            the same model and numbers, another layout. Applied in :meth:`configure_model`.
+        compile: ``torch.compile`` the forward of the method's networks (:meth:`compiled_modules`) in
+            :meth:`configure_model`, in place (``nn.Module.compile``), so state-dict keys and checkpoints
+            are the same as without; the first steps pay the compilation (tens of seconds).
     """
+
+    PAPER = ""  # a method's paper (authors, venue, name), shown by `manynets list`; the plain baseline has none
 
     loads_own_weights = False
     """True for modules whose weights come from their own arguments (checkpoint ensembles, probes): the CLI
@@ -129,6 +138,8 @@ class ClassifierModule(OptimizationMixin, pl.LightningModule):
         warmup_epochs: int = 0,
         no_weight_decay: list[str] | None = None,
         label_smoothing: float = 0.0,
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         m = "model.init_args."
         check_arg(0.0 <= label_smoothing < 1.0, m + "label_smoothing", label_smoothing, "a fraction in [0, 1)",
@@ -153,6 +164,33 @@ class ClassifierModule(OptimizationMixin, pl.LightningModule):
         self.val_variant_metrics = nn.ModuleDict()  # the other variants, added at their first batch
         self.test_metrics = nn.ModuleList()  # per test set: variant "" (_scores), built in on_test_start
         self.test_variant_metrics = nn.ModuleList()  # per test set: {variant: _scores}
+        self.channels_last, self.compile_forward = channels_last, compile  # applied once, in configure_model
+        self._fast_path_applied = False
+
+    # -- fast path: channels_last and torch.compile ----------------------------------
+    def compiled_modules(self) -> list[nn.Module]:
+        """The modules whose forward ``compile: true`` compiles: those the method's steps call (default:
+        the backbone). Methods that call the backbone's seams one by one list the parts they call."""
+        return [self.network]
+
+    def configure_model(self) -> None:
+        """Apply ``channels_last`` and ``compile`` once (Lightning calls this hook before it builds the
+        optimizers and restores a checkpoint, at every ``fit``/``validate``/``test``)."""
+        if self._fast_path_applied:
+            return
+        if self.channels_last:
+            to_channels_last(self)
+        if self.compile_forward:
+            for module in self.compiled_modules():
+                module.compile()  # in place: no ``_orig_mod.`` in state-dict keys
+        self._fast_path_applied = True
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """With ``channels_last``, image batches (B, C, H, W) in the channels-last memory format (a data
+        module that overrides this hook itself takes precedence, Lightning's rule; then only the weights are)."""
+        if self.channels_last and isinstance(batch, (tuple, list)) and batch and _is_maps(batch[0]):
+            batch = type(batch)([batch[0].contiguous(memory_format=torch.channels_last), *batch[1:]])
+        return batch
 
     # -- hooks for methods ---------------------------------------------------------
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -247,7 +285,9 @@ class ClassifierModule(OptimizationMixin, pl.LightningModule):
         self.test_metrics = nn.ModuleList([_scores(self.num_classes) for _ in names]).to(self.device)
         self.test_variant_metrics = nn.ModuleList([nn.ModuleDict() for _ in names])
 
-    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        """Scores every variant; returns the default prediction's logits (B, C) (mean of the member logits)
+        for callbacks' ``on_test_batch_end`` (e.g. :class:`~manynets.callbacks.ReliabilityDiagram`)."""
         images, labels = batch
         variants = self._variants(images, labels)
         for variant, logits in variants.items():
@@ -263,6 +303,7 @@ class ClassifierModule(OptimizationMixin, pl.LightningModule):
                     member.update(member_logits, labels)
                 scores["disagreement"].update(logits)
         self.update_test_extras(dataloader_idx, variants, labels)
+        return self._ensemble(variants[""]).detach()
 
     def _test_scores(self, index: int, variant: str) -> nn.ModuleDict:
         if not variant:
@@ -348,6 +389,20 @@ class ClassifierModule(OptimizationMixin, pl.LightningModule):
             )
 
 
+def _is_maps(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and x.dim() == 4 and x.is_floating_point()
+
+
+@torch.no_grad()
+def to_channels_last(module: nn.Module) -> nn.Module:
+    """Every 4-D floating parameter and buffer of ``module`` (convolution weights) in the channels-last
+    memory format, in place (the tensors keep their identity, as with ``module.to``); returns ``module``."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        if _is_maps(tensor) and not tensor.is_contiguous(memory_format=torch.channels_last):
+            tensor.data = tensor.data.contiguous(memory_format=torch.channels_last)
+    return module
+
+
 def _is_metric_state(key: str) -> bool:
     return "metrics" in key or key.startswith("train_acc")
 
@@ -358,3 +413,5 @@ def ensemble_mean(member_logits: Iterable[torch.Tensor]) -> torch.Tensor:
 
 
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+# ClassifierModule.on_after_batch_transfer (channels_last) is meant to run with data modules, which leave this hook alone
+warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer` in `LightningModule` but.*")

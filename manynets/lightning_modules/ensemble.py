@@ -35,6 +35,8 @@ class CheckpointEnsembleModule(ClassifierModule):
         kwargs: the other :class:`ClassifierModule` arguments (only ``backbone`` matters; nothing is trained).
     """
 
+    PAPER = "Lakshminarayanan et al., NeurIPS 2017 (deep ensembles)"
+
     loads_own_weights = True  # `manynets test` needs no --ckpt_path: its members come from model.init_args.checkpoints
 
     def __init__(
@@ -62,6 +64,10 @@ class CheckpointEnsembleModule(ClassifierModule):
         for k, (member, path) in enumerate(zip(self.members, self.checkpoints)):
             load_network(path, member, key=f"model.init_args.checkpoints[{k}]")
         self._loaded = True
+
+    def compiled_modules(self) -> list[nn.Module]:
+        """``compile: true`` compiles every member."""
+        return list(self.members)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.predict_logits(images).mean(0)

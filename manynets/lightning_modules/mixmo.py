@@ -77,14 +77,16 @@ class MixMoModule(ClassifierModule):
         batch_repetitions: b, repetitions of each unique image per step (4 for MixMo, 1 for 1-nets).
         proba_input_repetition: share of positions with identical inputs across members.
         msda: mixed-sample data augmentation on the inputs (``cutmix``, ``mixup`` or None).
-        msda_prob, msda_beta: probability per member and sample, and Beta(beta, beta) of its ratio.
-            The partner image is drawn from the step's unique images (official: from the whole data set).
+        msda_prob: probability of ``msda`` per member and sample. The partner image is drawn from the
+            step's unique images (official: from the whole data set).
+        msda_beta: ``msda`` mixing ratio ~ Beta(msda_beta, msda_beta).
         l2_reg: coefficient of the explicit ``sum ||theta||^2`` term over all parameters (the CIFAR
             recipes use 3e-4 with SGD ``weight_decay: 0``).
         temperature_scaling: ``val`` (fit T on the validation split), ``test_halves`` (official
             cross-fit on test halves) or ``none``.
-        Other arguments: see :class:`ClassifierModule`.
     """
+
+    PAPER = "Ramé, Sun & Cord, ICCV 2021 (MixMo)"
 
     def __init__(
         self,
@@ -137,6 +139,10 @@ class MixMoModule(ClassifierModule):
         self.temperature = 1.0
 
     # -- network -------------------------------------------------------------------
+    def compiled_modules(self) -> list[nn.Module]:
+        """``compile: true`` compiles each member's stem and head and the shared body."""
+        return [*self.stems, self.network.body, *self.heads]
+
     def _core(self, h: torch.Tensor) -> torch.Tensor:
         return self.network.pool(self.network.body(h))
 

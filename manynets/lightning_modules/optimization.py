@@ -1,7 +1,10 @@
 """The optimisation half of :class:`~manynets.lightning_modules.ClassifierModule`, shared by every method.
 
 - :meth:`OptimizationMixin.parameter_groups`: two groups, with and without weight decay
-  (``no_weight_decay`` rules); methods with their own groups (the π-net's lr multipliers) override it.
+  (``no_weight_decay`` rules), named ``decay`` and ``no_decay``; methods with their own groups (the
+  π-net's lr multipliers) override it.
+- The scheduler config is named ``lr``, so Lightning's LearningRateMonitor logs ``lr/decay`` and
+  ``lr/no_decay`` (scheduler name / group name; one group: ``lr``; no scheduler: ``lr-SGD/decay``...).
 - :meth:`OptimizationMixin.configure_optimizers`: the config's ``optimizer`` / ``lr_scheduler``
   callables get the groups; ``total_steps`` (OneCycleLR) and ``T_max`` (CosineAnnealingLR) come from
   the trainer when the config leaves them out, so schedule lengths follow ``trainer.max_epochs``.
@@ -59,10 +62,9 @@ class OptimizationMixin:
                     for rule in rules
                 )
                 (no_decay if excluded else decay).append(param)
-        groups = [{"params": decay}]
-        if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0})
-        return groups
+        if not no_decay:
+            return [{"params": decay}]
+        return [{"params": decay, "name": "decay"}, {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.parameter_groups())
@@ -73,7 +75,7 @@ class OptimizationMixin:
             "step" if target is not None and target.__name__ in STEP_SCHEDULERS else "epoch"
         )
         scheduler = self.scheduler_factory(optimizer, **self._scheduler_lengths(target, interval))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval, "name": "lr"}}
 
     def _scheduler_lengths(self, target: type | None, interval: str) -> dict[str, int]:
         """Fill ``total_steps`` / ``T_max`` from the trainer when the config leaves them out."""

@@ -38,7 +38,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 
 from manynets.errors import ConfigError, check_arg
-from manynets.layers.pi import InfPiLayer, PiInputLayer, estimate_memory, pi_layer_rows
+from manynets.layers.pi import InfPiLayer, PiInputLayer, estimate_memory, pi_layer_rows, state_shapes_only
 from manynets.layers.pi_optim import PiSGD, clip_gradients
 from manynets.lightning_modules.classifier import BackboneFactory, ClassifierModule, _factory_target
 from manynets.networks import PiMLP
@@ -124,14 +124,18 @@ class PiNetModule(ClassifierModule):
 
     Args:
         backbone: a :class:`~manynets.networks.PiMLP` with its options (r, depth, width, alphas, ...).
-        first_layer_lr_mult, last_layer_lr_mult, bias_lr_mult: learning-rate multipliers per group.
+        first_layer_lr_mult: learning-rate multiplier of the input layer.
+        last_layer_lr_mult: learning-rate multiplier of the readout.
+        bias_lr_mult: learning-rate multiplier of the biases.
         apply_lr_mult_to_wd: False divides each group's weight decay by its lr multiplier (decay 1 - lr wd).
-        gclip: gradient clipping value (0: off); gclip_per_param: clip each tensor separately.
+        gclip: gradient clipping value (0: off).
+        gclip_per_param: clip each parameter tensor's gradient separately instead of the global norm.
         gclip_follows_lr: scale gclip by the lr ratio (paper / orig) instead of keeping it constant (lib).
         loss: ``xent`` or ``mse`` (one-hot minus 0.1 targets, as cifar10mlp).
         optimizer: must be :class:`~manynets.layers.pi_optim.PiSGD` (lr, weight_decay).
-        Other arguments: see :class:`ClassifierModule`.
     """
+
+    PAPER = "Yang, Santacroce & Hu, ICLR 2022 (pi-limit)"
 
     upgrade_hyperparameters = staticmethod(upgrade_hyperparameters)  # used by the CLI for --ckpt_path
 
@@ -233,6 +237,18 @@ class PiNetModule(ClassifierModule):
         if scheduler is not None and self.trainer.lr_scheduler_configs[0].interval == "epoch":
             scheduler.step()
 
+    def setup(self, stage: str) -> None:
+        """Refuse 16-bit trainer precisions: the π-layers evaluate arccos and sqrt(1 - q^2) of cosines near 1
+        and sum over all M rows, which bf16/fp16 (3 significant digits) would wreck; the π kernel computes in
+        at least float32 whatever the inputs (``manynets.cuda_ops.pi_kernel``)."""
+        precision = str(getattr(self.trainer, "precision", "32-true"))
+        if "16" in precision:
+            raise ConfigError(
+                f"trainer.precision = {precision}: the π-net computes in float32 (its kernel's arccos and "
+                "square roots of cosines near 1 need it). Use trainer.precision: 32-true; to halve the state's "
+                "memory store it in bfloat16 with model.init_args.backbone.init_args.state_dtype: bfloat16."
+            )
+
     def on_fit_start(self) -> None:
         """Log the estimated final state and peak memory for the configured run (spec §1.9)."""
         net = self.network
@@ -245,7 +261,7 @@ class PiNetModule(ClassifierModule):
             return
         steps = int(steps)
         est = estimate_memory(net.d_in, net.num_classes, net.r, net.depth, batch, steps, net.state_dtype,
-                              net.chunk_size)  # fmt: skip
+                              net.chunk_size, net.block_size)  # fmt: skip
         rank_zero_info(
             f"π-net: after {steps} steps of batch {batch} every infinite layer holds M = {est['rows']:,} rows "
             f"(r={net.r}, depth={net.depth}, A/B in {net.state_dtype}): final state "
@@ -265,6 +281,11 @@ class PiNetModule(ClassifierModule):
         checks the shapes."""
         self._resize_to(checkpoint.get("state_dict", {}))
         super().on_load_checkpoint(checkpoint)
+
+    def _check_fits(self, checkpoint: dict[str, Any]) -> None:
+        """The base class's check compares shapes: read the π-layers' A/B as shapes, not concatenated copies."""
+        with state_shapes_only(self):
+            super()._check_fits(checkpoint)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Rename pre-backbone keys (in place) and resize the π-layers, then load."""

@@ -39,6 +39,7 @@ from manynets.analysis import (
     select_layers,
     write_probe_results,
 )
+from manynets.analysis.progress import Progress
 from manynets.errors import ConfigError, check_arg
 from manynets.layers.probes import LinearProbe, ProbeAccuracy, fit_probe_lbfgs, probe_features, sklearn_probe_accuracies
 from manynets.lightning_modules.classifier import BackboneFactory, ClassifierModule
@@ -64,7 +65,8 @@ class ProbeModule(ClassifierModule):
         C: inverse L2 strength, as scikit-learn's ``LogisticRegression(C=...)``.
         standardize: standardise features with running statistics (StandardScaler).
         sklearn_reference: at the end of fit also fit scikit-learn probes on extracted features (small data).
-        reference_solver, reference_max_iter: solver of the reference (PHD-LAB: ``saga``, 100).
+        reference_solver: scikit-learn solver of the reference probes (PHD-LAB: ``saga``).
+        reference_max_iter: iteration limit of the reference solver (PHD-LAB: 100).
         solver: ``sgd`` trains the probes with ``optimizer`` over the epochs, streaming (any data size,
             DDP); ``lbfgs`` keeps the pooled features of one training epoch in memory (one backbone pass
             for all layers) and fits every probe exactly by full-batch L-BFGS at the epoch end
@@ -72,8 +74,13 @@ class ProbeModule(ClassifierModule):
         lbfgs_max_iter: L-BFGS iterations per layer (100: scikit-learn's default and PHD-LAB's saga budget).
         max_cache_gib: ``lbfgs`` stops with an error, naming the fix, when the cached features exceed this.
         dirpath: folder of ``probes.csv`` / ``probes.png`` (default: the trainer's ``log_dir``).
-        Other arguments: see :class:`ClassifierModule` (the optimizer sees only the probes).
+        optimizer: optimizer class and options; it sees only the probes' parameters.
+        channels_last: the frozen backbone's convolution weights and the image batches in the channels-last
+            memory format (faster convolutions under ``bf16-mixed``); the probes are unchanged.
+        compile: ``torch.compile`` the frozen backbone's forward (its layer taps included) once it is loaded.
     """
+
+    PAPER = "Alain & Bengio, ICLR-W 2017 (linear probes); Richter et al., BMVC 2021 (PHD-LAB)"
 
     loads_own_weights = True  # `manynets test` needs no --ckpt_path: its backbone comes from model.init_args.checkpoint
 
@@ -102,6 +109,8 @@ class ProbeModule(ClassifierModule):
         warmup_steps: int = 0,
         warmup_epochs: int = 0,
         no_weight_decay: list[str] | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         m = "model.init_args."
         check_arg(bool(checkpoint) != (backbone is not None), m + "checkpoint", checkpoint,
@@ -119,7 +128,8 @@ class ProbeModule(ClassifierModule):
         check_arg(lbfgs_max_iter >= 1, m + "lbfgs_max_iter", lbfgs_max_iter, ">= 1", "100 is scikit-learn's default.")
         check_arg(max_cache_gib > 0, m + "max_cache_gib", max_cache_gib, "> 0 GiB")
         super().__init__(backbone or _deferred_backbone, num_classes, image_shape, optimizer, lr_scheduler,
-                         scheduler_interval, warmup_steps, warmup_epochs, no_weight_decay)  # fmt: skip
+                         scheduler_interval, warmup_steps, warmup_epochs, no_weight_decay,
+                         channels_last=channels_last, compile=compile)  # fmt: skip
         self.checkpoint = checkpoint
         self.probes = nn.ModuleDict()
         self.probe_acc = nn.ModuleDict()
@@ -163,6 +173,7 @@ class ProbeModule(ClassifierModule):
             self.probe_acc[name] = nn.ModuleDict({f"{s}_acc": ProbeAccuracy(feats.shape[1]) for s in ("train", "val", "test")})
         self.probes.to(self.device)
         self.probe_acc.to(self.device)
+        super().configure_model()  # channels_last / compile of the frozen backbone
 
     def train(self, mode: bool = True):
         """The backbone stays in eval mode (frozen BN statistics, no dropout); the probes follow ``mode``."""
@@ -178,7 +189,8 @@ class ProbeModule(ClassifierModule):
     def _probe_logits(self) -> dict[str, torch.Tensor]:
         hp = self.hparams
         outputs = self.tap.outputs
-        return {n: self.probes[n](probe_features(outputs[n], hp.pool_size, hp.pixelwise)) for n in self.probes}
+        with torch.autocast(self.device.type, enabled=False):  # probes in float32 also under bf16-mixed
+            return {n: self.probes[n](probe_features(outputs[n], hp.pool_size, hp.pixelwise)) for n in self.probes}
 
     def on_train_start(self) -> None:
         """N of the L2 term ``||W||^2 / (2 C N)``: the size of the training set (all ranks together)."""
@@ -218,7 +230,7 @@ class ProbeModule(ClassifierModule):
     def _cache_batch(self, labels: torch.Tensor) -> None:
         hp = self.hparams
         for name in self.probes:
-            feats = probe_features(self.tap.outputs[name], hp.pool_size, hp.pixelwise)
+            feats = probe_features(self.tap.outputs[name], hp.pool_size, hp.pixelwise).float()
             self._cache.setdefault(name, []).append(feats)
             self._cache_bytes += feats.numel() * feats.element_size()
         self._cache_labels.append(labels)
@@ -232,6 +244,7 @@ class ProbeModule(ClassifierModule):
     def _fit_cached(self) -> None:
         """Full-batch L-BFGS fit of every probe on the epoch's cached features; train accuracy of the fit."""
         labels = torch.cat(self._cache_labels)
+        progress = Progress(f"probes, L-BFGS fits of epoch {self.current_epoch}", len(self._cache), "layers")
         for name, chunks in self._cache.items():
             feats = torch.cat(chunks)
             probe = self.probes[name]
@@ -241,6 +254,7 @@ class ProbeModule(ClassifierModule):
                 probe.eval()
                 self.probe_acc[name]["train_acc"].update(probe(feats), labels)
                 probe.train(was_training)
+            progress.update()
         self._cache, self._cache_labels, self._cache_bytes = {}, [], 0
 
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -298,9 +312,12 @@ class ProbeModule(ClassifierModule):
             return
         dm = self.trainer.datamodule
         dm.setup("test")
-        train = extract_features(self.network, self.modules_probed, dm.train_dataloader(), self.hparams.pool_size, self.device)
+        what = "probes, scikit-learn reference: {} features"
+        train = extract_features(self.network, self.modules_probed, dm.train_dataloader(), self.hparams.pool_size,
+                                 self.device, what.format("train"))  # fmt: skip
         evals = {
-            split: extract_features(self.network, self.modules_probed, loader, self.hparams.pool_size, self.device)
+            split: extract_features(self.network, self.modules_probed, loader, self.hparams.pool_size, self.device,
+                                    what.format(split))  # fmt: skip
             for split, loader in (("val", dm.val_dataloader()), ("test", dm.test_dataloader()))
         }
         ref = sklearn_probe_accuracies(

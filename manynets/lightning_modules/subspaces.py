@@ -39,9 +39,15 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from manynets.analysis.bn_recompute import recompute_bn
 from manynets.errors import check_arg
-from manynets.layers.subspace import cosine_similarity_squared, set_point, subspace_layers, to_subspace
-from manynets.layers.subspace_bn import recompute_bn
+from manynets.layers.subspace import (
+    combined_parameters,
+    cosine_similarity_squared,
+    set_point,
+    subspace_layers,
+    to_subspace,
+)
 from manynets.layers.subspace_points import Kind, midpoint, num_parameter_sets, sample_coefficients
 from manynets.lightning_modules.classifier import BackboneFactory, ClassifierModule
 
@@ -65,8 +71,9 @@ class SubspaceModule(ClassifierModule):
             n-th epoch and at the last one (0: never; validation then uses the shared statistics).
         test_recompute_bn: recompute the midpoint's BN statistics over the training data at test start.
         bn_batches: number of training batches for each recompute (None: the whole epoch, official).
-        Other arguments: see :class:`ClassifierModule`.
     """
+
+    PAPER = "Wortsman et al., ICML 2021 (Learning Neural Network Subspaces)"
 
     def __init__(
         self,
@@ -133,13 +140,14 @@ class SubspaceModule(ClassifierModule):
         losses, all_logits = [], []
         for x, y in zip(images.tensor_split(n), labels.tensor_split(n)):
             self.sample_point()
-            logits = self.network(x)
+            with combined_parameters(self._layers):  # all layers' parameters at once (a few foreach ops)
+                logits = self.network(x)
             losses.append(F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing))
             all_logits.append(logits)
         loss = losses[0] if n == 1 else torch.stack(losses).mean()
         if self.hparams.beta > 0:
             i, j = torch.randperm(self.num_sets)[:2].tolist()
-            cos2 = cosine_similarity_squared(self.network, i, j)
+            cos2 = cosine_similarity_squared(self._layers, i, j)
             if self._trainer is not None:
                 self.log("train/cos2", cos2.detach())
             loss = loss + self.hparams.beta * cos2
@@ -148,7 +156,8 @@ class SubspaceModule(ClassifierModule):
     def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
         """Logits at the midpoint (line, curve) or centroid (simplex)."""
         set_point(self.network, self.evaluation_coefficients())
-        return self.network(images)
+        with combined_parameters(self._layers):
+            return self.network(images)
 
     # -- BN statistics of the evaluation point -----------------------------------------
     def train_batches(self):

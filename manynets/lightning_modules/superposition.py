@@ -12,6 +12,14 @@ Forward pass at the backbone seams (spec §1.1), for a call superposing n | N im
 3. ``body`` and ``pool`` once per group, i.e. on B'/n superposed maps (the speed-up);
 4. learned unbinding into N feature vectors, the r copies of each image averaged; ``head``.
 
+Evaluation on a CPU (no gradients, no autocast; MIMONet's conv-BN-ReLU stem) computes steps 1-2 in
+chunks of :data:`STEM_CHUNK_IMAGES` images: the stem as one GEMM over image patches with its BN folded
+(:class:`manynets.layers.conv_gemm.ConvBNReLU`; the library's 3-input-channel convolution runs at a
+fraction of the GEMM rate), each chunk bound by one GEMM over its stacked slots while in cache. Only
+the stem and binding grow with n at a fixed body batch; this keeps their cost per image near the GEMM
+rate (``benchmarks/superposition.py`` prints the per-part times). Training, GPUs and other stems take
+the module path, numerically the same up to float32 rounding.
+
 The stem output may be maps (B, C, H, W) or vectors (B, C) (MLP backbones): binding acts on the
 channel axis either way (HRR: circular convolution of the C channels; MBAT: a C x C matrix per slot).
 
@@ -61,6 +69,7 @@ from manynets.layers.binding import (
     SumBinding,
     check_slots,
 )
+from manynets.layers.conv_gemm import ConvBNReLU
 from manynets.layers.isometry import isometry_regularization
 from manynets.lightning_modules.classifier import BackboneFactory, ClassifierModule
 from manynets.networks import isometry_convs
@@ -103,6 +112,11 @@ def pad_to_groups(images: Tensor, n: int) -> Tensor:
     return torch.cat([images, images[copies]])
 
 
+STEM_CHUNK_IMAGES = 16
+"""Images per chunk of the evaluation stem and binding on a CPU: one chunk's stem output (16 x 64 x 32
+x 32 floats = 4 MiB for MIMONet) stays in cache until it is bound."""
+
+
 def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
@@ -124,10 +138,12 @@ class SuperpositionModule(ClassifierModule):
             None = N (static).
         sup_frequency: fraction of training batches superposing N images (the rest: ``sup_low``).
         eval_n: the n evaluated in validation and test (each must divide N); None = every divisor.
-        Other arguments: see :class:`ClassifierModule`. The backbone is a
-        :class:`manynets.networks.Backbone` (checked by the base class): binding after its ``stem``,
-        unbinding before its ``head``.
+        backbone: backbone class and options, a :class:`manynets.networks.Backbone` (e.g. ``{class_path:
+            WideResNet, init_args: {depth: 28, width: 10}}``): binding after its ``stem``, unbinding before
+            its ``head``.
     """
+
+    PAPER = "Menet et al., NeurIPS 2023 (MIMONets: MIMOConv)"
 
     def __init__(
         self,
@@ -174,6 +190,13 @@ class SuperpositionModule(ClassifierModule):
         self.unbinding = None if (binding == "none" and capacity == 1) else LearnedUnbinding(dim, capacity)
         self._throughput: dict[int, list[float]] = {}  # n -> [images, seconds] of the test forward passes
 
+    def compiled_modules(self) -> list[nn.Module]:
+        """``compile: true`` compiles the backbone's stem, body and head, which :meth:`forward_superposed`
+        calls around the binding (the backbone itself when N = 1 without binding)."""
+        if self.unbinding is None:
+            return [self.network]
+        return [self.network.stem, self.network.body, self.network.head]
+
     # -- the superposed forward pass -----------------------------------------------
     def forward_superposed(self, images: Tensor, n: int | None = None, pad: bool = False) -> Tensor:
         """Logits of a batch of B images, n per superposition (default N), groups of consecutive images.
@@ -194,11 +217,46 @@ class SuperpositionModule(ClassifierModule):
                              f"use a batch size that is a multiple of {n}.")
         if self.unbinding is None:  # N = 1 without binding: the plain backbone
             return self.network(images[:kept])
-        x = self.network.stem(images[:kept])
-        x = self.binding(x.view(kept // n, n, *x.shape[1:]))
+        stem = self._eval_stem_gemm(images)
+        if stem is not None:
+            x = self._stem_and_bind_in_chunks(images[:kept], n, stem)
+        else:
+            x = self.network.stem(images[:kept])
+            x = self.binding(x.view(kept // n, n, *x.shape[1:]))
         features = self.network.pool(self.network.body(x))
         logits = self.network.head(self.unbinding(features, n))
         return logits[:batch] if pad else logits
+
+    def _eval_stem_gemm(self, images: Tensor) -> ConvBNReLU | None:
+        """The stem as one GEMM with its BN folded (:class:`~manynets.layers.conv_gemm.ConvBNReLU`) where
+        that path applies: evaluation without gradients or autocast, on a CPU, and a conv[-BN][-ReLU] stem
+        (MIMONet's); else None (the stem module on the whole batch)."""
+        if (self.training or torch.is_grad_enabled() or images.device.type != "cpu" or images.dim() != 4
+                or torch.is_autocast_enabled("cpu")):
+            return None
+        return ConvBNReLU.match(self.network.stem)
+
+    def _stem_and_bind_in_chunks(self, images: Tensor, n: int, stem: ConvBNReLU) -> Tensor:
+        """The body's input (B/n, C, H, W): stem and binding of :data:`STEM_CHUNK_IMAGES` images at a time.
+
+        Each chunk's stem output (n slots of a group stored one after the other) is bound and bundled by
+        one GEMM (:meth:`~manynets.layers.binding._Binding.bind_stacked`) into its rows of the output while
+        it is still in cache, so the stem output of the whole batch (n times the body's input) is never
+        written to memory. Equal to ``binding(stem(images).view(...))`` in evaluation.
+        """
+        groups = images.shape[0] // n
+        per = max(1, STEM_CHUNK_IMAGES // n)  # groups per chunk
+        out = None
+        for start in range(0, groups, per):
+            y = stem(images[start * n:(start + per) * n])
+            if out is None:
+                maps = y.shape[1:]
+                out = y.new_empty(groups, maps[0], maps[1] * maps[2])
+            self.binding.bind_stacked(y.view(-1, n * maps[0], maps[1] * maps[2]), n, out=out[start:start + per])
+        out = out.view(groups, *maps)
+        if images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous():
+            out = out.contiguous(memory_format=torch.channels_last)  # the body's layout (``channels_last``)
+        return out
 
     def forward(self, images: Tensor) -> Tensor:
         """Evaluation logits (B, C) at n = N, every image (padded groups, see :func:`pad_to_groups`)."""

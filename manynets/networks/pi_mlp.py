@@ -46,7 +46,7 @@ from torch import nn
 
 from manynets.cuda_ops.pi_kernel import DEFAULT_CHUNK
 from manynets.errors import check_arg
-from manynets.layers.pi import STATE_DTYPES, InfPiLayer, PiInputLayer, StateDtype
+from manynets.layers.pi import DEFAULT_BLOCK_ROWS, STATE_DTYPES, InfPiLayer, PiInputLayer, StateDtype
 from manynets.layers.pi_finite import FinPiLayer, PiReLU, twin_weights
 
 from .base import ARG, Backbone
@@ -61,12 +61,15 @@ class PiMLP(Backbone):
         r: rank of the π-limit (coefficient dimension).
         depth: hidden layers (module doc; lib's ``--depth`` + 1).
         width: 0 = infinite π-net; n >= 1 = finite π-net (or μ-net with ``gaussian_init``) of width n.
-        first_layer_alpha, last_layer_alpha: alpha_1 and alpha_{L+1} (spec §1.3).
-        bias_alpha: beta of the input and hidden layers; last_bias_alpha: beta of the readout (None: bias_alpha).
+        first_layer_alpha: alpha_1, the multiplier of the input layer (spec §1.3).
+        last_layer_alpha: alpha_{L+1}, the multiplier of the readout (spec §1.3).
+        bias_alpha: beta of the input and hidden layers.
+        last_bias_alpha: beta of the readout (None: ``bias_alpha``).
         layernorm: s := 1 inside each π-layer; the finite twin normalises before its ReLU.
         readout_zero_init: readout A = 0 (lib; output 0 at init) or N(0, 1) / r (orig).
         state_dtype: dtype of A and B of the infinite layers (Amult is fp32); the finite twin is fp32.
         chunk_size: rows of M per kernel chunk (infinite layers).
+        block_size: rows per block of the infinite layers' A/B storage (growth appends blocks, never copies).
         gaussian_init: finite only: every weight N(0, 2 / fan_in) (the μ-net baseline).
         gproj: finite only: project gradients onto span(Omega_l) (:meth:`project_gradients`).
         seed: seed of the initial state and Omega (None: the global generator).
@@ -88,6 +91,7 @@ class PiMLP(Backbone):
         readout_zero_init: bool = True,
         state_dtype: StateDtype = "float32",
         chunk_size: int = DEFAULT_CHUNK,
+        block_size: int = DEFAULT_BLOCK_ROWS,
         gaussian_init: bool = False,
         gproj: bool = True,
         seed: int | None = None,
@@ -97,12 +101,14 @@ class PiMLP(Backbone):
         check_arg(depth >= 1, ARG + "depth", depth, ">= 1 hidden layers", "pilimit_lib's --depth k is depth: k + 1.")
         check_arg(width >= 0, ARG + "width", width, "0 (infinite π-net) or the finite width n >= 1")
         check_arg(chunk_size >= 1, ARG + "chunk_size", chunk_size, ">= 1 rows per kernel chunk")
+        check_arg(block_size >= 1, ARG + "block_size", block_size, ">= 1 rows per block of the π-state",
+                  f"The default {DEFAULT_BLOCK_ROWS} equals the default chunk_size.")  # fmt: skip
         check_arg(state_dtype in STATE_DTYPES, ARG + "state_dtype", state_dtype, f"one of {sorted(STATE_DTYPES)}")
         self.num_classes, self.d_in, self.r = num_classes, math.prod(image_shape), r
         self.depth, self.width = depth, width
         self.layernorm, self.readout_zero_init, self.gaussian_init, self.gproj = (
             layernorm, readout_zero_init, gaussian_init, gproj)  # fmt: skip
-        self.state_dtype, self.chunk_size = state_dtype, chunk_size
+        self.state_dtype, self.chunk_size, self.block_size = state_dtype, chunk_size, block_size
         self._betas = (bias_alpha, bias_alpha if last_bias_alpha is None else last_bias_alpha)
         self._alphas = (first_layer_alpha, last_layer_alpha)
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -148,7 +154,7 @@ class PiMLP(Backbone):
             self.r, self.num_classes if readout else self.r, zero_init=readout and self.readout_zero_init,
             a_std=1.0 / self.r if readout else None, alpha=self._alpha(l), bias_alpha=self._beta(l),
             layernorm=self.layernorm, state_dtype=self.state_dtype if self.width == 0 else "float32",
-            chunk_size=self.chunk_size, generator=generator,
+            chunk_size=self.chunk_size, block_size=self.block_size, generator=generator,
         )  # fmt: skip
 
     def layers(self) -> list[nn.Module]:
@@ -190,8 +196,9 @@ class PiMLP(Backbone):
         return self
 
     def state_bytes(self) -> int:
-        """Bytes of all parameters and π-state now."""
-        return sum(p.numel() * p.element_size() for p in self.parameters())
+        """Bytes of all parameters and π-state now (the M rows of A/B, not their storage's last partial block)."""
+        pi_state = sum(m.state_nbytes() for m in self.modules() if isinstance(m, InfPiLayer))
+        return pi_state + sum(p.numel() * p.element_size() for p in self.parameters())
 
     @torch.no_grad()
     def init_weights(self, module: nn.Module) -> nn.Module:

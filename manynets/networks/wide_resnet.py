@@ -57,6 +57,10 @@ class SReLU(nn.Module):
 
     Qi et al., "Deep Isometric Learning for Visual Recognition" (ISONet), ICML 2020; MIMOConv
     initialises b to -1 (``superwideisonet.py``).
+
+    Args:
+        channels: number of channels (one offset each).
+        init: initial value of every offset b.
     """
 
     def __init__(self, channels: int, init: float = -1.0) -> None:
