@@ -148,6 +148,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*val_split=0.*")  # intended: the whole set is the training set
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")  # as manynets.cli.main
     device = torch.device(args.device)
     pl.seed_everything(0, verbose=False)
 

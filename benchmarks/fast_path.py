@@ -4,10 +4,10 @@ What is timed: one training step of each method's module (forward of the method'
 ``training_loss``; probes: the frozen backbone's forward and every probe's loss), backward and an SGD step,
 on random images (B, 3, S, S). Every variant is its own copy of the same weights: ``eager`` (float32,
 contiguous), ``channels_last`` (``model.init_args.channels_last: true``), ``bf16`` (autocast, what
-``trainer.precision: bf16-mixed`` does), ``bf16+cl`` (both) and ``compile`` (``model.init_args.compile: true``,
-float32; its compilation time is printed apart). Steps of the variants alternate, round after round, so a
-shared machine's drift hits all alike; the table gives each variant's median ms per step and its ratio to
-``eager`` (< 1 is faster), measured in the same run.
+``trainer.precision: bf16-mixed`` does), ``bf16+cl`` (both), ``compile`` (``model.init_args.compile: true``,
+float32) and ``compile+bf16+cl`` (all three); compilation times are printed apart. Steps of the variants
+alternate, round after round, so a shared machine's drift hits all alike; the table gives each variant's
+median ms per step and its ratio to ``eager`` (< 1 is faster), measured in the same run.
 
     python benchmarks/fast_path.py                                  # CPU, every method
     python benchmarks/fast_path.py --methods classifier --no-compile --rounds 3
@@ -38,6 +38,7 @@ VARIANTS = {  # name -> (channels_last, bf16, compile)
     "bf16": (False, True, False),
     "bf16+cl": (True, True, False),
     "compile": (False, False, True),
+    "compile+bf16+cl": (True, True, True),
 }
 
 
@@ -116,8 +117,8 @@ def bench(method: str, args, device: torch.device, variants: list[str]) -> list[
     for name in variants:
         median = statistics.median(times[name])
         rows.append((name, median * 1e3, median / base))
-        if name == "compile":
-            print(f"  {method}: compile + {args.warmup} warm-up steps took {compile_s[name]:.1f} s")
+        if "compile" in name:
+            print(f"  {method} {name}: compilation and {args.warmup} warm-up steps took {compile_s[name]:.1f} s")
     return rows
 
 
@@ -133,13 +134,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds over the variants")
     parser.add_argument("--steps", type=int, default=2, help="steps per variant and round (the fastest counts)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant (compilation included)")
-    parser.add_argument("--no-compile", action="store_true", help="skip the compile variant (saves ~1 min per method on CPU)")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="skip the compile variants (each costs ~1 min per method on a CPU)")
     parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 variants")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")  # self.log outside a Trainer
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    variants = [v for v in VARIANTS if not (args.no_compile and v == "compile") and not (args.no_bf16 and "bf16" in v)]
+    variants = [v for v in VARIANTS if not (args.no_compile and "compile" in v) and not (args.no_bf16 and "bf16" in v)]
     native = torch.cuda.is_bf16_supported() if device.type == "cuda" else torch.cpu._is_avx512_bf16_supported()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
     print(f"fast path: {name}; WRN-{args.depth}-{args.width}, batch {args.batch}, {args.size} px; timed: one "

@@ -76,7 +76,7 @@ B=benchmarks
 if [ "$DEVICE" = cuda ]; then
     check tests_gpu 150 cuda python -m pytest -m gpu -q -rs -p no:cacheprovider
     check fast_path 40 cuda python $B/fast_path.py --device cuda --batch 128 --no-compile
-    check fast_path_compile 60 cuda python $B/fast_path.py --device cuda --batch 128 --methods classifier superposition
+    check fast_path_compile 60 cuda python $B/fast_path.py --device cuda --batch 128 --methods classifier
     check superposition 50 "$(device_of $B/superposition.py)" python $B/superposition.py \
         $(opt $B/superposition.py --device cuda) $(opt $B/superposition.py --threads 1) $(opt $B/superposition.py --rounds 3)
     check mixmo 30 "$(device_of $B/mixmo.py)" python $B/mixmo.py $(opt $B/mixmo.py --device cuda) $(opt $B/mixmo.py --rounds 5)

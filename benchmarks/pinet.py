@@ -11,9 +11,12 @@ Layouts of the A/B state (same kernel, same chunks, bit-identical results):
   it for the input gradient and ``torch.cat`` to append rows (what a direct port of the formulas does).
 
 Memory: each (layout, M) runs in a fresh subprocess that grows every infinite layer from r to M rows by batches of 8
-(the π-SGD decay and append of every step, with a full training step - forward, backward, clipping-free π-SGD - at
-every doubling of M and two at the end) and reads VmHWM from /proc/self/status. "peak - grown state" is VmHWM minus
+(π-SGD's append of every step; the last two are full training steps - forward, backward, π-SGD - for the kernel's
+working set at the largest M) and reads VmHWM from /proc/self/status. "peak - grown state" is VmHWM minus
 the RSS before growing minus the state added: what the run held beyond its state (target at 1e5 rows: < 50 MiB).
+Pages of a buffer's unused tail are never touched, so the amortised layout's cost is the copy when it grows (old and
+new buffer at once): besides each M the table has the M just after the amortised layout's last reallocation below
+it, its worst case.
 Step time: one subprocess per M builds the three variants on the same state and interleaves their training steps
 (forward, backward, π-SGD append); medians over ``--steps`` steps, ratios from the same process.
 Official numbers (GPU): 6 / 21 / 165 ms per step at 1e3 / 1e4 / 1e5.
@@ -99,18 +102,13 @@ def grow_case(layout: str, m: int, chunk: int, block: int, batch: int) -> dict:
     rows = {id(l): (torch.randn(batch, l.r_out) * 0.01, torch.nn.functional.normalize(torch.randn(batch, l.r_in)))
             for l in layers}  # fmt: skip
     base, state0, t0 = _status_bytes("VmRSS"), net.state_bytes(), time.perf_counter()
-    next_step = 2 * net.head.num_rows
     while net.head.num_rows + 2 * batch < m:
-        if net.head.num_rows >= next_step:  # a full step at every doubling: the kernel's working set
-            train_step(net, opt, x, y)
-            next_step *= 2
-            continue
-        for layer in layers:  # what PiSGD does to a π-layer, with the rows of a fixed fake gradient
-            layer.decay(1 - 0.01 * 1e-4)
-            layer.append_rows(*rows[id(layer)], -0.01)
-    while net.head.num_rows < m:
+        for layer in layers:  # PiSGD's append, with the rows of a fixed fake gradient (its in-place decay of Amult,
+            layer.append_rows(*rows[id(layer)], -0.01)  # O(M) a step, is left out: it holds no memory)
+    while net.head.num_rows < m:  # full steps at the end: the kernel's working set at the largest M
         train_step(net, opt, x, y)
-    return {"layout": layout, "rows": net.head.num_rows, "state": net.state_bytes(), "added": net.state_bytes() - state0,
+    state = net.state_bytes()
+    return {"layout": layout, "rows": net.head.num_rows, "state": state, "added": state - state0,
             "peak": _status_bytes("VmHWM"), "base": base, "seconds": time.perf_counter() - t0}  # fmt: skip
 
 
@@ -171,6 +169,17 @@ def time_case(m: int, steps: int, chunk: int, block: int, batch: int) -> dict:
     return {"rows": m, "state": blocks.state_bytes(), **{k: 1000 * statistics.median(v) for k, v in times.items()}}
 
 
+def last_reallocation(m: int, r: int = 100, batch: int = 8) -> int:
+    """M right after the amortised buffer's last reallocation on the way from r to m rows (its worst case:
+    the old and the new buffer held at once, at a state as large as it gets before m)."""
+    rows = capacity = last = r
+    while rows + batch <= m:
+        if rows + batch > capacity:
+            capacity, last = max(rows + batch, int(capacity * GROWTH)), rows + batch
+        rows += batch
+    return last
+
+
 def _subprocess(args: argparse.Namespace, *case: str) -> dict | None:
     cmd = [sys.executable, __file__, "--case", *case, "--steps", str(args.steps), "--chunk", str(args.chunk),
            "--block", str(args.block), "--batch", str(args.batch), "--threads", str(args.threads)]  # fmt: skip
@@ -206,7 +215,9 @@ def main() -> None:
         print("\ngrowth run r -> M rows (fresh process per run; MiB; peak = VmHWM):")
         print(f"{'M rows':>9} | {'state':>8} | {'layout':>9} | {'peak - RSS before':>17} | {'peak - grown state':>18} | "
               f"{'run s':>6}")  # fmt: skip
-        for m in args.grow_rows:
+        targets = [int(m) for m in args.grow_rows]
+        targets += [last_reallocation(m, batch=args.batch) + 2 * args.batch for m in targets]
+        for m in sorted(targets):
             for layout in ("amortised", "blocks"):
                 r = _subprocess(args, "grow", layout, str(m))
                 if r:

@@ -101,15 +101,45 @@ def saturation_table(batches: int, rounds: int, device: str, tmp: str) -> list[t
     return rows
 
 
+class PreviousCovariance(StreamingCovariance):
+    """The previous update: float32 mode converts the batch to float64 for its sum, centres a copy and
+    multiplies the full D x D products; its fold adds the float64 batch sums' outer products."""
+
+    def update(self, samples: torch.Tensor) -> None:
+        x = samples.detach().to(self.matmul_dtype)
+        self.n += x.shape[0]
+        if self.matmul_dtype == torch.float64:
+            self.sum_outer.addmm_(x.T, x)
+            self.sum += x.sum(0)
+            return
+        batch_sum = x.sum(0, dtype=torch.float64)
+        centred = x - (batch_sum / x.shape[0]).to(x.dtype)
+        if self._scatter is None:
+            self._scatter = torch.zeros(self.dim, self.dim, dtype=x.dtype, device=x.device)
+        self._scatter.addmm_(centred.T, centred)
+        self._residuals.append((batch_sum, x.shape[0]))
+
+    def _fold(self) -> None:
+        if not self._residuals:
+            return
+        sums = torch.stack([b for b, _ in self._residuals])
+        counts = sums.new_tensor([n for _, n in self._residuals])
+        self.sum_outer += self._scatter.double()
+        self.sum_outer.addmm_(sums.T, sums / counts[:, None])
+        self.sum += sums.sum(0)
+        self._scatter.zero_()
+        self._residuals = []
+
+
 def previous_flush(tracker: SaturationTracker) -> None:
     """The previous batch-end update: every output through ``layer_samples`` (a (B*H*W, C) copy of a conv
-    map) and ``StreamingCovariance.update``."""
+    map) and the previous ``StreamingCovariance.update``."""
     mode, pending, tracker._pending = tracker.mode, tracker._pending, []
     per_mode = tracker.covariances.setdefault(mode, {})
     for name, output in pending:
         samples = layer_samples(output, tracker.conv_method, tracker.downsampling)
         if name not in per_mode:
-            per_mode[name] = StreamingCovariance(samples.shape[1], samples.device, tracker.matmul_dtype)
+            per_mode[name] = PreviousCovariance(samples.shape[1], samples.device, tracker.matmul_dtype)
         per_mode[name].update(samples)
 
 

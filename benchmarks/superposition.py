@@ -7,8 +7,8 @@ Tables (BENCHMARKS.md targets in brackets), each at every ``--threads`` count:
    *official* (the body sees ``--maps`` = 128 superposed maps at every n: 128·n images, as the
    official evaluation with batch 128·N) and *same images* (128 images at every n). Three paths,
    all interleaved: ``now`` (``forward_superposed``: on a CPU the stem is one GEMM with its BN folded,
-   bound in chunks of 16 images while in cache), ``before`` (the previous path: the stem module on the
-   whole batch, then the binding) and, with ``--official``, ``official formulation`` (re-implemented
+   bound in chunks of 16 images per thread while in cache), ``before`` (the previous path: the stem
+   module on the whole batch, then the binding) and, with ``--official``, ``official formulation`` (re-implemented
    from spec §1.1-1.2, not the official code: slots repeated r times, grouped-Conv1d binding, 1x1-conv
    unbinding; slow on a CPU).
 2. ``parts``: milliseconds per part (stem, binding, body+pool, unbinding, head) of ``before`` and
@@ -29,6 +29,7 @@ shared machine (each round times ``--steps`` calls).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from functools import partial
@@ -145,7 +146,8 @@ def inference_table(depth: int, width: int, maps: int, device, steps: int, round
     rows = [f"MIMONet-{depth}-{width} (initial width 4) N=4 HRR, eval forward under inference_mode, "
             f"{torch.get_num_threads()} thread(s); images/s (time of the whole forward, median of {rounds} "
             f"interleaved rounds of {steps} calls)",
-            f"  {'configuration':38s} {'path':22s} {'n=1':>8s} {'n=2':>8s} {'n=4':>8s}  n=4/n=1 (target >= 3.9)"]  # fmt: skip
+            f"  {'configuration':38s} {'path':22s} {'n=1':>8s} {'n=2':>8s} {'n=4':>8s}  "
+            f"n=4/n=1 (target >= 3.9)"]  # fmt: skip
     for c, xs in configs.items():
         label = (f"official: body sees {maps} maps ({maps}·n images)" if c == "official"
                  else f"same images: {maps} images at every n")
@@ -176,7 +178,8 @@ def parts_table(depth: int, width: int, maps: int, device, rounds: int) -> list[
                 current_forward(model, x, n, parts.setdefault(("now", n), {}))
                 gemm_stem_then_binding(x, n)
     med = {k: {p: statistics.median(v[1:]) * 1e3 for p, v in d.items()} for k, d in parts.items()}
-    rows = [f"Per-part time (ms, median of {rounds} interleaved rounds, first dropped), MIMONet-{depth}-{width} N=4 HRR, "
+    rows = [f"Per-part time (ms, median of {rounds} interleaved rounds, first dropped), "
+            f"MIMONet-{depth}-{width} N=4 HRR, "
             f"official configuration (n=1: {maps} images, n=4: {maps * 4} images), {torch.get_num_threads()} thread(s)",
             f"  {'part':28s} {'before n=1':>11s} {'before n=4':>11s} {'now n=1':>9s} {'now n=4':>9s}"]  # fmt: skip
     names = ["stem", "binding", "stem+binding", "  GEMM stem (whole batch)", "  binding (whole batch)", "body",
@@ -264,7 +267,8 @@ def main() -> None:
         torch.set_num_threads(threads)
         torch.manual_seed(0)
         print(f"\ntorch {torch.__version__}, device {device}, {torch.get_num_threads()} thread(s); medians of "
-              f"{args.rounds} alternating rounds of {args.steps} call(s)")
+              f"{args.rounds} alternating rounds of {args.steps} call(s); load average {os.getloadavg()[0]:.1f} "
+              f"on {os.cpu_count()} cores")
         train_step = None
         for depth in args.depths:
             if "inference" in args.tables:

@@ -313,7 +313,7 @@ def accuracy_vs_n_figure(rows: Sequence[dict[str, Any]]):
     if not series:
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7.5, 4))
     for name, points in series:
         ax.plot([n for n, _ in points], [a for _, a in points], "o-", label=name)
     ax.set_xticks(sorted({n for _, points in series for n, _ in points}))
@@ -338,7 +338,7 @@ def ensemble_vs_members_figure(rows: Sequence[dict[str, Any]]):
     plt = _pyplot()
     most = max(len(m) for _, m, _ in runs)
     width = 0.8 / (most + 1)
-    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(runs) + 3), 4))
+    fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(runs) + 5), 4))
     for k in range(most):
         xs = [i + (k - most / 2) * width for i, (_, m, _) in enumerate(runs) if k < len(m)]
         ax.bar(xs, [m[k][1] for _, m, _ in runs if k < len(m)], width, label=f"member {k}")

@@ -4,6 +4,7 @@ import os
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+import lightning  # noqa: F401  (its console log handler binds the session's stderr, not one test's capture)
 import pytest
 import torch
 

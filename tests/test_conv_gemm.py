@@ -10,7 +10,8 @@ from torch import nn
 from manynets.layers.conv_gemm import ConvBNReLU, conv2d_gemm, im2col
 
 
-@pytest.mark.parametrize(("kernel", "stride", "padding"), [(3, 1, 1), (3, 2, 1), (1, 2, 0), (7, 2, 3), ((3, 1), 1, (1, 0))])
+@pytest.mark.parametrize(("kernel", "stride", "padding"),
+                         [(3, 1, 1), (3, 2, 1), (1, 2, 0), (7, 2, 3), ((3, 1), 1, (1, 0))])
 def test_conv2d_gemm_equals_conv2d_with_gradients(kernel, stride, padding):
     torch.manual_seed(0)
     x = torch.randn(3, 3, 13, 12, requires_grad=True)

@@ -91,7 +91,8 @@ def test_streaming_equals_numpy_cov_of_concatenation():
 
 
 def test_float32_products_are_centred_per_batch():
-    """A large mean next to a small spread: uncentred float32 products would cancel catastrophically."""
+    """A large mean next to a small spread: uncentred float32 products would cancel catastrophically; the
+    products of the samples minus a shift (first batch's mean, then the running mean) do not."""
     rng = np.random.default_rng(2)
     chunks = [(rng.normal(size=(n, 4)) * [0.01, 0.02, 0.03, 0.04] + 1000).astype(np.float32) for n in (64, 7, 300)]
     all_rows = np.concatenate(chunks).astype(np.float64)
@@ -145,23 +146,29 @@ def test_bad_input_is_named():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_conv_maps_update_equals_the_channelwise_reshape(dtype):
-    """``update_maps`` (the (C, B*H*W) layout written once) == ``update`` of the (B*H*W, C) reshape, for
-    contiguous and channels_last maps, in both product dtypes."""
+@pytest.mark.parametrize("width", [5, 67])  # 67: the float32 products in symmetric blocks
+def test_conv_maps_update_equals_the_channelwise_reshape(dtype, width):
+    """``update_maps`` (the (C, B*H*W) layout written once) and ``update`` of the (B*H*W, C) reshape both
+    equal numpy's covariance of the concatenation, for contiguous and channels_last maps, in both product
+    dtypes, folded between batches or only when read."""
     g = torch.Generator().manual_seed(3)
-    maps = [torch.randn(b, 5, 3, 4, generator=g) * torch.arange(1.0, 6.0)[:, None, None] + 50 for b in (2, 1, 6)]
-    reference = StreamingCovariance(5, matmul_dtype=dtype)
-    by_maps = StreamingCovariance(5, matmul_dtype=dtype)
-    channels_last = StreamingCovariance(5, matmul_dtype=dtype)
-    for x in maps:
-        reference.update(layer_samples(x))
-        by_maps.update_maps(x)
-        channels_last.update_maps(x.contiguous(memory_format=torch.channels_last))
-    rows = np.concatenate([x.permute(0, 2, 3, 1).reshape(-1, 5).double().numpy() for x in maps])
+    spread = torch.linspace(0.5, 3.0, width)[:, None, None]
+    maps = [torch.randn(b, width, 3, 4, generator=g) * spread + 50 for b in (2, 1, 6)]
+    rows = np.concatenate([x.permute(0, 2, 3, 1).reshape(-1, width).double().numpy() for x in maps])
     expected = np.cov(rows, rowvar=False, bias=True)
-    for cov in (by_maps, channels_last):
-        assert cov.n == reference.n == len(rows)
-        np.testing.assert_allclose(cov.covariance().numpy(), expected, rtol=1e-5 if dtype == torch.float32 else 1e-10)
-        np.testing.assert_allclose(cov.mean().numpy(), rows.mean(0), rtol=1e-12)
+    for fold_every in (256, 2):
+        covs = [StreamingCovariance(width, matmul_dtype=dtype) for _ in range(3)]
+        for cov in covs:
+            cov.FOLD_EVERY = fold_every
+        for x in maps:
+            covs[0].update(layer_samples(x))
+            covs[1].update_maps(x)
+            covs[2].update_maps(x.contiguous(memory_format=torch.channels_last))
+        for cov in covs:
+            assert cov.n == len(rows)
+            got = cov.covariance().numpy()
+            np.testing.assert_allclose(got, expected, rtol=1e-4 if dtype == torch.float32 else 1e-10, atol=1e-6)
+            np.testing.assert_allclose(got, got.T, rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(cov.mean().numpy(), rows.mean(0), rtol=1e-8 if dtype == torch.float32 else 1e-12)
     with pytest.raises(ValueError, match=r"expected \(B, 5, ...\)"):
-        by_maps.update_maps(torch.randn(2, 4, 3, 3))
+        StreamingCovariance(5).update_maps(torch.randn(2, 4, 3, 3))

@@ -2,10 +2,11 @@
 
 Each training method takes one Lightning step on the bundled digits twice from the same weights, batch and
 random draws: float32 (``32-true``) and ``bf16-mixed`` + ``channels_last``. The losses agree within
-:data:`LOSS_RTOL`, every 4-D weight is stored channels-last and the first convolution receives a
-channels-last batch. The compiled step (slow) checks that every method's compiled modules trace without a
-graph break and that compiling leaves the state-dict keys alone; the HRR binding op compiles with
-``fullgraph=True`` under autocast and computes in float32 there.
+:data:`LOSS_RTOL`, every 4-D weight is stored channels-last, the first convolution receives a channels-last
+batch, and a validation batch under bf16 + channels_last gives finite metrics (the evaluation paths). The
+compiled steps (slow) check that every method's compiled modules trace without a graph break and that
+compiling leaves the state-dict keys alone; the HRR binding op compiles with ``fullgraph=True`` under
+autocast and computes in float32 there. The π-net refuses 16-bit precisions (:class:`PiNetModule`).
 """
 
 from __future__ import annotations
@@ -39,12 +40,13 @@ SHAPE = (3, SIDE, SIDE)
 BACKBONE = functools.partial(networks.WideResNet, depth=10, width=1)
 
 LOSS_RTOL = 2e-3
-"""Relative tolerance of the bf16-mixed loss against the float32 loss of the same step: half of bf16's unit
-roundoff u = 2^-8. Autocast rounds the inputs and weights of every convolution and Linear to bf16 (relative
-error <= u each) and accumulates in float32; the cross-entropy itself runs in float32. At initialisation the
-logits are O(1) and the batch mean averages the per-image errors, so the loss moves by a small fraction of u
-(measured <= 5e-4 relative on these five methods). A wrong batch, a wrong layout or a binding computed in bf16
-moves it by more: the bound keeps a 4x margin over the measurement while staying below u."""
+"""Relative tolerance of the bf16-mixed loss against the float32 loss of the same step (same weights, batch and
+random draws): half of bf16's unit roundoff u = 2^-8. Autocast rounds the inputs and weights of every
+convolution and Linear to bf16 (relative error <= u each) and accumulates in float32; the cross-entropy runs in
+float32. At initialisation the logits are O(1) and the batch mean averages the per-image errors, so the loss
+moves by a small fraction of u: measured <= 5e-4 relative on these five methods (a 4x margin). For scale, other
+draws of a method's randomness move the float32 loss by 1.4e-2 (superposition's mixup) and 1.9e-2 (MixMo's
+masks)."""
 
 METHODS = {
     "classifier": lambda **fast: ClassifierModule(BACKBONE, 10, SHAPE, **fast),
@@ -60,15 +62,21 @@ STEPS = {"probe": 2}
 the second step's loss depends on them."""
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path, monkeypatch):
+    """Trainers without a root directory (the probes' CSV and figure) write into the test's own folder."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="module")
 def digits() -> DigitsDataModule:
     return DigitsDataModule(size=SIDE, channels=3, batch_size=16, eval_batch_size=16, augment=False)
 
 
-def _trainer(precision: str, steps: int, **kwargs) -> pl.Trainer:
-    return pl.Trainer(max_steps=steps, limit_val_batches=0, precision=precision, accelerator="cpu", devices=1,
-                      logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      **kwargs)  # fmt: skip
+def _trainer(precision: str, steps: int, val_batches: int = 0) -> pl.Trainer:
+    return pl.Trainer(max_steps=steps, limit_val_batches=val_batches, precision=precision, accelerator="cpu",
+                      devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False)  # fmt: skip
 
 
 def _loss(trainer: pl.Trainer) -> float:
@@ -81,13 +89,14 @@ def _first_conv(module: nn.Module) -> nn.Conv2d:
 
 
 def _fit_once(method: str, state: dict, digits, precision: str, **fast) -> tuple[float, nn.Module, list[bool]]:
-    """One run of ``STEPS`` from ``state``; returns (last loss, module, channels-last flags of the first conv's inputs)."""
+    """One run of ``STEPS`` from ``state``: (last loss, module, channels-last flag of each input of the first conv)."""
     torch.manual_seed(0)
     module = METHODS[method](**fast)
     module.load_state_dict(state)
     seen: list[bool] = []
     conv = _first_conv(module.stems[0] if method == "mixmo" else module.network)
-    conv.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    conv.register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
     torch.manual_seed(1)  # the same batch order and the same method draws (mixup, masks, points) in both runs
     trainer = _trainer(precision, STEPS.get(method, 1))
     trainer.fit(module, datamodule=digits)
@@ -106,6 +115,8 @@ def test_bf16_channels_last_step_matches_float32(method, digits):
     assert not _first_conv(plain).weight.is_contiguous(memory_format=torch.channels_last)  # the option did it
     assert seen and all(seen), "the first convolution got a batch that is not channels-last"
     assert not any(plain_seen)
+    metrics = _trainer("bf16-mixed", 1, val_batches=1).validate(module, datamodule=digits, verbose=False)[0]
+    assert all(math.isfinite(v) for v in metrics.values()) and 0.0 <= metrics["val/acc"] <= 1.0
 
 
 def test_channels_last_keeps_the_model(digits):

@@ -27,7 +27,7 @@ from manynets.cuda_ops.pi_kernel import (
 )
 from manynets.datamodules.base import ImageDataModule
 from manynets.datamodules.digits import DigitsDataModule
-from test_fast_path import LOSS_RTOL, METHODS, SHAPE, SIDE, STEPS, _loss
+from test_fast_path import LOSS_RTOL, METHODS, SIDE, STEPS, _loss
 
 pytestmark = [
     pytest.mark.gpu,
@@ -35,6 +35,12 @@ pytestmark = [
 ]
 
 CUDA = torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path, monkeypatch):
+    """Trainers without a root directory (the probes' CSV and figure) write into the test's own folder."""
+    monkeypatch.chdir(tmp_path)
 
 
 # -- custom ops against their CPU references ----------------------------------------------------
@@ -78,7 +84,8 @@ def test_pi_kernel_on_cuda_matches_cpu_reference(state_dtype):
     g = torch.randn(b, r, dtype=torch.float64)
     B = torch.randn(m, r, dtype=torch.float64)
     B = B / B.norm(dim=1, keepdim=True)
-    A, Amult, delta = torch.randn(m, r_out, dtype=torch.float64), torch.rand(m, dtype=torch.float64), torch.randn(b, r_out, dtype=torch.float64)
+    A, Amult = torch.randn(m, r_out, dtype=torch.float64), torch.rand(m, dtype=torch.float64)
+    delta = torch.randn(b, r_out, dtype=torch.float64)
     A, B = A.to(state_dtype).double(), B.to(state_dtype).double()  # the values a low-precision state holds
     gg = g.clone().requires_grad_()
     s = gg.norm(dim=1)

@@ -15,7 +15,13 @@ import torch
 from torchvision.datasets import CIFAR10
 from torchvision.transforms import v2
 
-from fakes import cifar_md5_attrs, write_fake_cifar10, write_fake_cifar_c, write_fake_imagenet32, write_fake_tiny_imagenet
+from fakes import (
+    cifar_md5_attrs,
+    write_fake_cifar10,
+    write_fake_cifar_c,
+    write_fake_imagenet32,
+    write_fake_tiny_imagenet,
+)
 from manynets.datamodules import (
     CIFAR10DataModule,
     CIFARCorruptionsDataModule,
@@ -162,10 +168,10 @@ def test_without_augmentation_batches_equal_the_dataloader_path(name, tmp_path, 
         dm.trainer = fake_trainer()
         dm.setup("fit")
         dm.setup("test")
-    tests = lambda dm: dm.test_dataloader() if len(dm.test_set_names) > 1 else [dm.test_dataloader()]  # noqa: E731
-    predicts = lambda dm: dm.predict_dataloader() if len(dm.test_set_names) > 1 else [dm.predict_dataloader()]  # noqa: E731
+    listed = lambda loaders: loaders if isinstance(loaders, list) else [loaders]  # noqa: E731
     pairs = [(cpu.train_dataloader(), device.train_dataloader()), (cpu.val_dataloader(), device.val_dataloader())]
-    pairs += list(zip(tests(cpu), tests(device))) + list(zip(predicts(cpu), predicts(device)))
+    pairs += list(zip(listed(cpu.test_dataloader()), listed(device.test_dataloader())))
+    pairs += list(zip(listed(cpu.predict_dataloader()), listed(device.predict_dataloader())))
     if name == "cifar10c":
         assert len(pairs) == 2 + 2 * (1 + 2 * 2)  # clean + 2 corruptions x 2 severities, for test and predict
     for expected_loader, loader in pairs:

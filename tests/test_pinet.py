@@ -116,7 +116,8 @@ def test_old_state_dicts_load(width):
 def test_fit_grows_state_clip_drops_and_checkpoint_roundtrip(tmp_path):
     data = DigitsDataModule(size=8, channels=1, batch_size=8, augment=False)
     sched = functools.partial(torch.optim.lr_scheduler.MultiStepLR, milestones=[1], gamma=0.15)
-    model = tiny_module(lr_scheduler=sched, scheduler_interval="epoch")
+    backbone = functools.partial(PiMLP, r=6, depth=2, seed=0, block_size=16)  # the state spans blocks
+    model = tiny_module(lr_scheduler=sched, scheduler_interval="epoch", backbone=backbone)
     kernel_data = DigitsDataModule(size=8, channels=1, batch_size=100, augment=False)
     transfer = FeatureKernelTransfer(kernel_data, regs=[1e-3], every_n_epochs=2, max_train=500)
     trainer = tiny_trainer(tmp_path, callbacks=[transfer])
@@ -130,7 +131,9 @@ def test_fit_grows_state_clip_drops_and_checkpoint_roundtrip(tmp_path):
     with torch.no_grad():
         out = model.eval()(x)
     fresh = PiNetModule.load_from_checkpoint(ckpt, weights_only=False)  # hparams hold callables outside the CLI
-    assert fresh.network.head.num_rows == 54
+    assert fresh.network.head.num_rows == 54 and len(fresh.network.head.state_blocks("A")) == 4
+    for name in ("A", "B", "Amult"):
+        assert torch.equal(fresh.network.head.state_tensor(name), model.network.head.state_tensor(name))
     with torch.no_grad():
         assert torch.equal(fresh.eval()(x), out)
 

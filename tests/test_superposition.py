@@ -106,14 +106,14 @@ def test_forward_matches_the_official_formulation(binding):
 @pytest.mark.parametrize("binding", ["hrr", "mbat", "none"])
 def test_evaluation_stem_gemm_in_chunks_equals_the_module_path(binding):
     """Evaluation without gradients on a CPU folds the stem BN into one GEMM and binds STEM_CHUNK_IMAGES
-    images at a time (here several chunks, a partial last one and a padded group), in either memory
+    images per thread at a time (here several chunks, a partial last one and a padded group), in either memory
     format: equal to the stem module on the whole batch followed by the binding (grad mode)."""
     torch.manual_seed(0)
     module = make(capacity=4, binding=binding)
     bn = module.network.stem[1]
     bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2.0), bn.weight.data.normal_(), bn.bias.data.normal_()
     module.eval()
-    x = torch.randn(2 * STEM_CHUNK_IMAGES + 7, *SHAPE)
+    x = torch.randn(2 * STEM_CHUNK_IMAGES * torch.get_num_threads() + 7, *SHAPE)
     for images in (x, x.contiguous(memory_format=torch.channels_last)):
         for n in (1, 2, 4):
             ref = module.forward_superposed(images, n, pad=True)  # grad enabled: the stem module

@@ -67,8 +67,11 @@ def plot_receptive_fields(rows: list[FieldRow | dict], image_size: int, title: s
     names = [str(r["layer"]) for r in table]
     fields = [float(r["receptive_field"]) if r["receptive_field"] not in ("", None) else float("nan") for r in table]
     fig, ax = plt.subplots(figsize=(max(7, 0.35 * len(names) + 4), 4))
-    ax.bar(range(len(names)), fields, color=["C3" if f > image_size else "C0" for f in fields],
-           label="receptive field of the layer")  # fmt: skip
+    for larger, colour, label in ((False, "C0", "receptive field within the input"),
+                                  (True, "C3", "receptive field larger than the input")):  # fmt: skip
+        index = [i for i, f in enumerate(fields) if (f > image_size) == larger]
+        if index:
+            ax.bar(index, [fields[i] for i in index], color=colour, label=label)
     ax.axhline(image_size, color="black", ls="--", lw=1, label=f"input size ({image_size} px)")
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(layer_labels(names), rotation=90, fontsize=7)

@@ -158,6 +158,8 @@ def plot_saturation_heatmap(rows: list[dict[str, float | str]], title: str, mode
     """Epoch x layer heatmap of the saturation (fraction, one colour scale 0-1), one panel per recorded mode,
     from the rows of ``saturation.csv``. Returns the Figure (not saved); ``None`` if no mode has a row."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     layers = list(dict.fromkeys(n for mode in modes for n in saturation_table(rows, mode)[1]))
     panels = [(mode, *saturation_table(rows, mode, layers)) for mode in modes]
     panels = [p for p in panels if p[1]]
@@ -171,7 +173,7 @@ def plot_saturation_heatmap(rows: list[dict[str, float | str]], title: str, mode
                           extent=(-0.5, len(names) - 0.5, epoch_list[-1] + 0.5, epoch_list[0] - 0.5))  # fmt: skip
         ax.set_ylabel("epoch (from 0)")
         ax.set_title(f"{MODE_LABELS.get(mode, mode)} batches", fontsize=9)
-        ax.yaxis.get_major_locator().set_params(integer=True)
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=min(len(epoch_list), 10), integer=True))
     fig.colorbar(image, ax=axes[:, 0].tolist(), label="saturation ID / D (fraction)", fraction=0.04, pad=0.01)
     bottom = axes[-1, 0]
     bottom.set_xticks(range(len(layers)))

@@ -138,6 +138,12 @@ class ImageDataModule(pl.LightningDataModule):
             [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
         )
 
+    def batch_transform(self, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+        """uint8 (B, C, H, W) batch on ``device`` -> what :meth:`eval_transform` makes of each image, bit for bit
+        (the ``on_device`` path). The statistics are put on the device once, not copied there per batch."""
+        mean, std = (torch.tensor(v, dtype=torch.float32, device=device) for v in (self.mean, self.std))
+        return lambda x: v2.functional.normalize(v2.functional.to_dtype(x, torch.float32, scale=True), mean, std)
+
     def train_transform(self) -> Callable:
         """Standard augmentation (random crop with padding, horizontal flip), then normalisation."""
         if not self.augment:
@@ -193,7 +199,9 @@ class ImageDataModule(pl.LightningDataModule):
         if self.on_device:
             world, rank = self._world()
             sampler = EpochSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
-            return DeviceLoader(*self._on_device(dataset), sampler, self.eval_batch_size, self.eval_transform())
+            images, labels, rows = self._on_device(dataset)
+            transform = self.batch_transform(images.device)
+            return DeviceLoader(images, labels, rows, sampler, self.eval_batch_size, transform)
         return DataLoader(
             dataset,
             batch_size=self.eval_batch_size,
@@ -234,10 +242,11 @@ class ImageDataModule(pl.LightningDataModule):
             progress = lambda: trainer.fit_loop.epoch_loop.batch_progress.current.processed  # noqa: E731
         drop_last = sampler.num_samples > self.batch_size
         if self.on_device:
+            images, labels, rows = self._on_device(dataset)
             loader = DeviceLoader(
-                *self._on_device(dataset), sampler, self.batch_size, self.eval_transform(), augment=self.augment,
-                padding=self.crop_padding, flip=self.horizontal_flip, seed=seed, drop_last=drop_last,
-                progress=progress,
+                images, labels, rows, sampler, self.batch_size, self.batch_transform(images.device),
+                augment=self.augment, padding=self.crop_padding, flip=self.horizontal_flip, seed=seed,
+                drop_last=drop_last, progress=progress,
             )  # fmt: skip
         else:
             loader = ResumableLoader(

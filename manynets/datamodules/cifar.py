@@ -95,6 +95,13 @@ class CIFAR10DataModule(ImageDataModule):
             return super().eval_transform()
         return v2.Compose([v2.ToImage(), *self._resize_and_normalise()])
 
+    def batch_transform(self, device):
+        normalise = super().batch_transform(device)
+        if self.resolution is None:
+            return normalise
+        size = [self.resolution, self.resolution]
+        return lambda x: normalise(v2.functional.resize(x, size, antialias=True))
+
     def _resize_and_normalise(self) -> list:
         return [v2.Resize((self.resolution, self.resolution), antialias=True),
                 v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]  # fmt: skip

@@ -7,8 +7,8 @@ there): no worker processes, no per-image Python. Each batch is
    the very sampler of the DataLoader path: same order, same disjoint and covering shards, same resume),
 2. gathered with the random crop and horizontal flip in one advanced-indexing gather
    (:func:`crop_and_flip`),
-3. put through the data module's own evaluation transform (``uint8 -> float``, ``Normalize``, and
-   CIFAR's optional ``Resize``), applied to the whole batch.
+3. put through the data module's ``batch_transform`` (``uint8 -> float``, normalisation with the statistics
+   kept on the device, CIFAR's optional resize): its evaluation transform, applied to the whole batch.
 
 Crop offsets and flips are drawn per epoch for every image of the split from a CPU generator seeded with
 ``(seed, epoch)`` (:func:`draw_crops_and_flips`), so they depend only on (seed, epoch, image): not on the
@@ -101,7 +101,7 @@ class DeviceLoader(TrainingPosition):
         sampler: an :class:`EpochSampler` over the split: the order (shuffled or not), the rank's shard and
             the epoch; a resume skip set on it (``load_state_dict``) is honoured.
         batch_size: images per batch.
-        transform: uint8 batch -> float batch (the data module's evaluation transform).
+        transform: uint8 batch -> float batch on the device (the data module's ``batch_transform``).
         augment: random crop (zero padding ``padding``) and, with ``flip``, horizontal flip.
         padding: zero padding of the random crop.
         flip: flip horizontally with probability 1/2 (with ``augment``).
@@ -115,7 +115,8 @@ class DeviceLoader(TrainingPosition):
 
     def __init__(self, images: Tensor, labels: Tensor, rows: Tensor | None, sampler: EpochSampler, batch_size: int,
                  transform: Callable[[Tensor], Tensor], augment: bool = False, padding: int = 0, flip: bool = False,
-                 seed: int = 0, drop_last: bool = False, progress: Callable[[], int] | None = None) -> None:  # fmt: skip
+                 seed: int = 0, drop_last: bool = False,
+                 progress: Callable[[], int] | None = None) -> None:  # fmt: skip
         self.images, self.labels, self.rows, self.sampler = images, labels, rows, sampler
         self.batch_size, self.transform, self.drop_last, self.progress = batch_size, transform, drop_last, progress
         self.augment, self.padding, self.flip, self.seed = augment, padding, flip, int(seed)
@@ -151,6 +152,6 @@ class DeviceLoader(TrainingPosition):
                 x = crop_and_flip(self.images, rows[batch], tops[batch], lefts[batch], flips[batch], self.padding)
             else:
                 x = self.images[rows[batch]]
-            images = self.transform(x.contiguous()).as_subclass(Tensor)
+            images = self.transform(x.contiguous())
             self._handed_out += 1
             yield images, self.labels[rows[batch]]

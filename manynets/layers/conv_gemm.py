@@ -45,7 +45,8 @@ def conv2d_gemm(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: i
     ``weight (O, K) @ im2col(x) (B, K, P) + bias``: one batched GEMM; (B, O, Ho, Wo), contiguous."""
     o, c, kh, kw = weight.shape
     if x.dim() != 4 or x.shape[1] != c:
-        raise ValueError(f"conv2d_gemm expects x (B, {c}, H, W) for a weight {tuple(weight.shape)}, got {tuple(x.shape)}.")
+        raise ValueError(f"conv2d_gemm expects x (B, {c}, H, W) for a weight {tuple(weight.shape)}, "
+                         f"got {tuple(x.shape)}.")
     (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
     ho, wo = (x.shape[2] + 2 * ph - kh) // sh + 1, (x.shape[3] + 2 * pw - kw) // sw + 1
     cols = im2col(x, (kh, kw), (sh, sw), (ph, pw))

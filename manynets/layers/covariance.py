@@ -67,18 +67,20 @@ class StreamingCovariance:
     One ``addmm`` per update, on the samples' device, with no host synchronisation (``n`` is a
     Python int taken from the shape).
 
-    ``matmul_dtype=torch.float32`` (about 2x faster on CPUs and on GPUs without fast float64) splits
-    S into the within-batch scatter ``W = sum_b X_c^T X_c`` of the batch-centred samples, accumulated
-    in place in float32, and the between-batch term ``sum_b n_b mu_b mu_b^T``, formed exactly in
-    float64 from the batch sums when S is read (and every ``FOLD_EVERY`` batches to bound memory).
-    The float32 products never carry the large uncentred mean, so there is no cancellation.
+    ``matmul_dtype=torch.float32`` (about 2x faster on CPUs and on GPUs without fast float64) multiplies
+    the samples minus a shift m (the first batch's mean, then the running mean at every fold) in float32:
+    over a window of k samples, ``W = sum (a - m)(a - m)^T`` and ``R = sum (a - m)`` accumulate in float32,
+    and every ``FOLD_EVERY`` batches (and when read) they move into the float64 sums exactly,
+    ``S += W + k m m^T + m R^T + R m^T`` and ``s += k m + R``. The float32 products never carry the
+    large mean, so there is no cancellation; W is symmetric, so for D >= 64 only its two diagonal blocks
+    and one off-diagonal block are multiplied (3/4 of the products).
 
     :meth:`update_maps` takes a conv output (B, C, H, W) channel-wise (every position a sample) and
-    writes the (C, B·H·W) matrix of the GEMM in one pass (centred, in float32 mode), instead of first
-    copying the (B·H·W, C) permutation and then centring it.
+    writes the (C, B·H·W) matrix of the GEMM in one pass (shifted, in float32 mode), instead of first
+    copying the (B·H·W, C) permutation.
     """
 
-    FOLD_EVERY = 256
+    FOLD_EVERY = 64
 
     def __init__(self, dim: int, device: torch.device | str | None = None, matmul_dtype: torch.dtype = torch.float64):
         self.dim = dim
@@ -86,30 +88,26 @@ class StreamingCovariance:
         self.sum_outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
         self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
         self.n = 0
-        self._scatter: torch.Tensor | None = None  # float32 W
-        self._batch_sums: list[torch.Tensor] = []  # float64 sum of each batch since the last fold
-        self._batch_counts: list[int] = []
+        self._half = dim // 2 if dim >= 64 else 0  # block split of the symmetric float32 products
+        self._shift: torch.Tensor | None = None  # float32 m of the window
+        self._scatter: torch.Tensor | None = None  # float32 W of the window
+        self._residuals: list[torch.Tensor] = []  # float32 sum (a - m) of each batch of the window
+        self._window = 0  # samples in the window
 
     def update(self, samples: torch.Tensor) -> None:
         if samples.dim() != 2 or samples.shape[1] != self.dim:
             raise ValueError(f"samples of shape {tuple(samples.shape)}; expected (N, {self.dim})")
-        if samples.device != self.sum.device:
-            self.sum_outer, self.sum = self.sum_outer.to(samples.device), self.sum.to(samples.device)
+        self._follow(samples.device)
         x = samples.detach().to(self.matmul_dtype)
+        self.n += x.shape[0]
         if self.matmul_dtype == torch.float64:
             self.sum_outer.addmm_(x.T, x)
             self.sum += x.sum(0)
-        else:
-            batch_sum = x.sum(0, dtype=torch.float64)
-            centred = x - (batch_sum / x.shape[0]).to(x.dtype)
-            if self._scatter is None:
-                self._scatter = torch.zeros(self.dim, self.dim, dtype=x.dtype, device=x.device)
-            self._scatter.addmm_(centred.T, centred)
-            self._batch_sums.append(batch_sum)
-            self._batch_counts.append(x.shape[0])
-            if len(self._batch_sums) >= self.FOLD_EVERY:
-                self._fold()
-        self.n += samples.shape[0]
+            return
+        if self._shift is None:
+            self._shift = x.sum(0) / x.shape[0]
+        shifted = x - self._shift
+        self._add_shifted(shifted.T, shifted.sum(0), x.shape[0])
 
     def update_maps(self, maps: torch.Tensor) -> None:
         """Add a conv output (B, C, *spatial) channel-wise: equal to ``update`` of its (B·H·W, C)
@@ -117,52 +115,68 @@ class StreamingCovariance:
         if maps.dim() < 3 or maps.shape[1] != self.dim:
             raise ValueError(f"maps of shape {tuple(maps.shape)}; expected (B, {self.dim}, ...)")
         x = maps.detach()
-        rows = x.movedim(1, -1)
-        if rows.is_contiguous():  # channels_last: the (N, C) samples are a free view
-            self.update(rows.reshape(-1, self.dim))
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):  # (or 1x1 maps): a free view
+            self.update(x.permute(0, 2, 3, 1).reshape(-1, self.dim))
             return
-        if x.device != self.sum.device:
-            self.sum_outer, self.sum = self.sum_outer.to(x.device), self.sum.to(x.device)
-        b = x.shape[0]
-        per_channel = x.reshape(b, self.dim, -1).transpose(0, 1)  # (C, B, H*W), a strided view
+        self._follow(x.device)
+        per_channel = x.reshape(x.shape[0], self.dim, -1).transpose(0, 1)  # (C, B, H*W), a strided view
         cols = torch.empty(per_channel.shape, dtype=self.matmul_dtype, device=x.device)
-        n = cols[0].numel()
+        n = x.numel() // self.dim
+        cols2d = cols.view(self.dim, n)
+        self.n += n
         if self.matmul_dtype == torch.float64:
             cols.copy_(per_channel)
-            cols = cols.view(self.dim, n)
-            self.sum_outer.addmm_(cols, cols.T)
-            self.sum += cols.sum(1)
+            self.sum_outer.addmm_(cols2d, cols2d.T)
+            self.sum += cols2d.sum(1)
+            return
+        if self._shift is None:
+            self._shift = per_channel.sum((1, 2), dtype=cols.dtype) / n
+        torch.sub(per_channel, self._shift[:, None, None], out=cols)
+        self._add_shifted(cols2d, cols2d.sum(1), n)
+
+    def _follow(self, device: torch.device) -> None:
+        if device != self.sum.device:
+            self.sum_outer, self.sum = self.sum_outer.to(device), self.sum.to(device)
+
+    def _add_shifted(self, a: torch.Tensor, residual: torch.Tensor, n: int) -> None:
+        """W += a aᵀ for a = (D, N) shifted samples (the upper blocks only for D >= 64); R gets their sum."""
+        if self._scatter is None:
+            self._scatter = torch.zeros(self.dim, self.dim, dtype=a.dtype, device=a.device)
+        h = self._half
+        if h:
+            top, bottom = a[:h], a[h:]
+            self._scatter[:h, :h].addmm_(top, top.T)
+            self._scatter[:h, h:].addmm_(top, bottom.T)
+            self._scatter[h:, h:].addmm_(bottom, bottom.T)
         else:
-            batch_sum = per_channel.sum((1, 2), dtype=torch.float64)
-            torch.sub(per_channel, (batch_sum / n).to(cols.dtype)[:, None, None], out=cols)
-            cols = cols.view(self.dim, n)
-            if self._scatter is None:
-                self._scatter = torch.zeros(self.dim, self.dim, dtype=cols.dtype, device=x.device)
-            self._scatter.addmm_(cols, cols.T)
-            self._batch_sums.append(batch_sum)
-            self._batch_counts.append(n)
-            if len(self._batch_sums) >= self.FOLD_EVERY:
-                self._fold()
-        self.n += n
+            self._scatter.addmm_(a, a.T)
+        self._residuals.append(residual)
+        self._window += n
+        if len(self._residuals) >= self.FOLD_EVERY:
+            self._fold()
 
     def _fold(self) -> None:
-        """Move W and the batch sums into the float64 S and s: ``S += W + sum_b s_b s_b^T / n_b``."""
-        if self._scatter is not None:
-            self.sum_outer += self._scatter.double()
-            self._scatter.zero_()
-        if self._batch_sums:
-            sums = torch.stack(self._batch_sums)  # (batches, D)
-            counts = sums.new_tensor(self._batch_counts)
-            self.sum_outer.addmm_(sums.T, sums / counts[:, None])
-            self.sum += sums.sum(0)
-            self._batch_sums, self._batch_counts = [], []
+        """Move the float32 window into the float64 S and s: ``S += W + k m m^T + m R^T + R m^T``,
+        ``s += k m + R``; the next window is shifted by the running mean."""
+        if not self._residuals:
+            return
+        h = self._half
+        if h:  # only the upper off-diagonal block was accumulated
+            self._scatter[h:, :h] = self._scatter[:h, h:].T
+        m = self._shift.double()
+        r = torch.stack(self._residuals).double().sum(0)
+        cross = torch.outer(m, r)
+        self.sum_outer += self._scatter.double() + self._window * torch.outer(m, m) + cross + cross.T
+        self.sum += self._window * m + r
+        self._scatter.zero_()
+        self._residuals, self._window = [], 0
+        self._shift = (self.sum / self.n).to(self._shift.dtype)
 
     def reset(self) -> None:
         self.sum_outer.zero_()
         self.sum.zero_()
         self.n = 0
-        self._scatter = None
-        self._batch_sums, self._batch_counts = [], []
+        self._shift, self._scatter, self._residuals, self._window = None, None, [], 0
 
     def all_reduce(self) -> None:
         """Sum S, s and n over the ranks of the default process group (no-op without one)."""

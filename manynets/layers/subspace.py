@@ -176,7 +176,7 @@ class _SubspaceBatchNorm(SubspaceMixin):
 
     With P > 1 packed points the layer normalises P·C channels. Its statistics are then the
     per-point buffers ``point_stats = (mean (P·C,), var (P·C,), count)`` when
-    :func:`~manynets.layers.subspace_bn.collect_bn_statistics` has attached them (updated with a
+    :func:`~manynets.analysis.bn_recompute.collect_bn_statistics` has attached them (updated with a
     cumulative average in train mode, used in eval mode), else the shared buffers repeated.
     """
 

@@ -131,9 +131,10 @@ def packed_logits(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eval-mode logits (P, B, C) and pooled features (P, B, D) of P points on one batch.
 
-    ``stats``: per-point BN statistics from :func:`collect_bn_statistics` (rows matching
-    ``coefficients``); None uses the shared running statistics for every point. The network must
-    have the ``stem / body / pool / head`` seams.
+    ``stats``: per-point BN statistics from
+    :func:`~manynets.analysis.bn_recompute.collect_bn_statistics` (rows matching ``coefficients``); None
+    uses the shared running statistics for every point. The network must have the ``stem / body / pool /
+    head`` seams.
     """
     p = coefficients.shape[0]
     packed = None

@@ -413,5 +413,5 @@ def ensemble_mean(member_logits: Iterable[torch.Tensor]) -> torch.Tensor:
 
 
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-# ClassifierModule.on_after_batch_transfer (channels_last) is meant to run with data modules, which leave this hook alone
+# ClassifierModule.on_after_batch_transfer (channels_last) is meant to run with data modules (which leave it alone)
 warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer` in `LightningModule` but.*")

@@ -240,7 +240,10 @@ class PiNetModule(ClassifierModule):
     def setup(self, stage: str) -> None:
         """Refuse 16-bit trainer precisions: the π-layers evaluate arccos and sqrt(1 - q^2) of cosines near 1
         and sum over all M rows, which bf16/fp16 (3 significant digits) would wreck; the π kernel computes in
-        at least float32 whatever the inputs (``manynets.cuda_ops.pi_kernel``)."""
+        at least float32 whatever the inputs (``manynets.cuda_ops.pi_kernel``). The other fast-path options of
+        the base class are not offered either: ``channels_last`` (a PiMLP has no convolutions) and ``compile``
+        (the state grows by a batch of rows every step, so every step would meet new shapes, and the π kernel
+        is already one opaque custom op to the compiler)."""
         precision = str(getattr(self.trainer, "precision", "32-true"))
         if "16" in precision:
             raise ConfigError(
