@@ -18,7 +18,7 @@ Pages of a buffer's unused tail are never touched, so the amortised layout's cos
 new buffer at once): besides each M the table has the M just after the amortised layout's last reallocation below
 it, its worst case.
 Step time: one subprocess per M builds the three variants on the same state and interleaves their training steps
-(forward, backward, π-SGD append); medians over ``--steps`` steps, ratios from the same process.
+(forward, backward, π-SGD append) in rotating order; medians over ``--steps`` steps, ratios from the same process.
 Official numbers (GPU): 6 / 21 / 165 ms per step at 1e3 / 1e4 / 1e5.
 Usage: ``python benchmarks/pinet.py [--rows 1e3 1e4 1e5] [--grow-rows 1e5 1e6] [--steps 5] [--threads 1]``.
 """
@@ -157,9 +157,10 @@ def time_case(m: int, steps: int, chunk: int, block: int, batch: int) -> dict:
     naive = {l: [l.state_tensor(n) for n in ("A", "B", "Amult")] for l in nets["unchunked"].layers()[1:]}
     x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
     times = {k: [] for k in nets}
-    for step in range(steps + 1):  # the first round warms up
-        for name, net in nets.items():
-            t0 = time.perf_counter()
+    names = list(nets)
+    for step in range(steps + 1):  # the first round warms up; the order rotates so no variant always follows another
+        for name in names[step % 3 :] + names[: step % 3]:
+            net, t0 = nets[name], time.perf_counter()
             if name == "unchunked":
                 _naive_step(net, naive, x, y, 0.01)
             else:

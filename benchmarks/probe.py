@@ -3,9 +3,10 @@
 1. Saturation overhead: epoch time of a torchvision-style ResNet-18 (ImageNet stem) at 32 px, batch 64,
    with and without the :class:`~manynets.callbacks.Saturation` callback tracking its 21 Conv2d/Linear layers
    (train batches; the epoch-end all-reduce + eigen-decompositions + CSV + plots included). Variants: the
-   default (batch-centred float32 products), float64 products, every 4th batch. Then tracked / untracked
-   step pairs on one model (the batch-end covariance updates; today's conv-map path against the previous
-   one, which first copied the (B*H*W, C) permutation), and the epoch end amortised over a CIFAR-10 epoch.
+   default (float32 products of mean-shifted outputs), float64 products, every 4th batch. Then tracked / untracked
+   steps interleaved on one model (the batch-end covariance updates: today's against the previous one, which
+   copied the (B*H*W, C) permutation, converted each batch to float64 for its sum, centred a copy and multiplied
+   the full D x D products), and the epoch end amortised over a CIFAR-10 epoch.
    Official numbers for comparison (delve): 1.14x / 1.19-1.29x.
    Agreement of the float32 default with float64: eigenvalues and saturation of the same outputs (a few
    training steps of the ResNet-18, and the covariance test sets), max relative error.
@@ -16,7 +17,7 @@
    largest per-layer gap in test accuracy to the converged optimum of the same objective (lbfgs on
    standardised features): saga with 100 iterations on raw features is far from converged.
 
-    python benchmarks/probe.py --batches 24 --rounds 3 --pairs 30
+    python benchmarks/probe.py --batches 24 --rounds 3 --pairs 15 [--threads 1 --clock cpu] [--skip epochs probes]
 """
 
 from __future__ import annotations
@@ -42,18 +43,23 @@ from manynets.networks import VGG, ResNet
 warnings.filterwarnings("ignore")
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = CLOCKS["wall"]
+
+
 class EpochTimer(pl.Callback):
-    """Wall time of the epoch's training steps and of the epoch-end work of the callbacks before it."""
+    """Time (wall or CPU, ``--clock``) of the epoch's training steps and of the epoch-end work of the
+    callbacks before it."""
 
     def on_train_epoch_start(self, trainer, pl_module):
-        self.start = time.perf_counter()
+        self.start = clock()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.last_step = time.perf_counter()
+        self.last_step = clock()
 
     def on_train_epoch_end(self, trainer, pl_module):
         self.steps = self.last_step - self.start
-        self.epoch_end = time.perf_counter() - self.last_step
+        self.epoch_end = clock() - self.last_step
 
 
 def epoch_time(callbacks: list, batches: int, device: str, tmp: str) -> tuple[float, float]:
@@ -323,14 +329,17 @@ def main() -> None:
     parser.add_argument("--agreement-steps", type=int, default=4, help="ResNet-18 steps of the float32 agreement")
     parser.add_argument("--probe-epochs", type=int, default=10)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--skip", choices=["epochs", "saturation", "probes"], nargs="*", default=[],
-                        help="epochs: skip the Lightning epochs of the saturation table (steps and agreement only)")
+    parser.add_argument("--skip", choices=["epochs", "steps", "saturation", "probes"], nargs="*", default=[],
+                        help="parts to skip: the Lightning epochs of the saturation table, its paired steps and "
+                             "float32 agreement, all of the saturation part, the probes")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    global clock
+    clock = CLOCKS[args.clock]
     tmp = tempfile.mkdtemp()
-    print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, {args.clock} clock")
     if "saturation" not in args.skip:
         n = len(select_layers(ResNet(10)))
     if "saturation" not in args.skip and "epochs" not in args.skip:
@@ -341,8 +350,7 @@ def main() -> None:
             print(f"{name:32s} {ms:8.1f} {step_ratio:6.3f} {end:6.2f} {short:6.3f} {cifar:15.3f}")
         print(f"steps, epoch: ratios to no callback over the timed {args.batches}-batch epoch; CIFAR-10 epoch: "
               f"per-step times scaled to {CIFAR10_BATCHES} batches + the measured epoch end")
-    if "saturation" not in args.skip:
-        clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    if "saturation" not in args.skip and "steps" not in args.skip:
         paired, compute, untracked_s = paired_step_overhead(args.pairs, args.device, clock)
         epoch_end = {"float32 (default)": compute["float32 (default)"], "float64": compute["float64"]}
         print(f"\ntracked / untracked step ({args.clock} clock), median of {args.pairs} rounds of interleaved "

@@ -7,10 +7,11 @@ Tables (BENCHMARKS.md targets in brackets), each at every ``--threads`` count:
    *official* (the body sees ``--maps`` = 128 superposed maps at every n: 128·n images, as the
    official evaluation with batch 128·N) and *same images* (128 images at every n). Three paths,
    all interleaved: ``now`` (``forward_superposed``: on a CPU the stem is one GEMM with its BN folded,
-   bound in chunks of 16 images per thread while in cache), ``before`` (the previous path: the stem
-   module on the whole batch, then the binding) and, with ``--official``, ``official formulation`` (re-implemented
-   from spec §1.1-1.2, not the official code: slots repeated r times, grouped-Conv1d binding, 1x1-conv
-   unbinding; slow on a CPU).
+   bound by one GEMM over the stacked slots, in chunks of 16 images while in cache when
+   single-threaded), ``before`` (the previous path: the stem module on the whole batch, then the
+   binding) and, with ``--official``, ``official formulation`` (re-implemented from spec §1.1-1.2, not
+   the official code: slots repeated r times, grouped-Conv1d binding, 1x1-conv unbinding; slow on a
+   CPU).
 2. ``parts``: milliseconds per part (stem, binding, body+pool, unbinding, head) of ``before`` and
    ``now`` at n = 1 and n = 4 of the official configuration, and the stem's GMAC/s.
 3. ``train``: training step (forward, loss incl. R_bind and R_iso, backward, SGD step) of the N = 4

@@ -106,15 +106,18 @@ def test_forward_matches_the_official_formulation(binding):
 @pytest.mark.parametrize("binding", ["hrr", "mbat", "none"])
 def test_evaluation_stem_gemm_in_chunks_equals_the_module_path(binding):
     """Evaluation without gradients on a CPU folds the stem BN into one GEMM and binds STEM_CHUNK_IMAGES
-    images per thread at a time (here several chunks, a partial last one and a padded group), in either memory
-    format: equal to the stem module on the whole batch followed by the binding (grad mode)."""
+    images at a time with one thread (here several chunks, a partial last one and a padded group), the
+    whole batch with two, in either memory format: equal to the stem module on the whole batch followed
+    by the binding (grad mode)."""
     torch.manual_seed(0)
     module = make(capacity=4, binding=binding)
     bn = module.network.stem[1]
     bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2.0), bn.weight.data.normal_(), bn.bias.data.normal_()
     module.eval()
-    x = torch.randn(2 * STEM_CHUNK_IMAGES * torch.get_num_threads() + 7, *SHAPE)
-    for images in (x, x.contiguous(memory_format=torch.channels_last)):
+    x = torch.randn(2 * STEM_CHUNK_IMAGES + 7, *SHAPE)
+    threads = torch.get_num_threads()
+    for images, count in ((x, 1), (x.contiguous(memory_format=torch.channels_last), 1), (x, 2)):
+        torch.set_num_threads(count)
         for n in (1, 2, 4):
             ref = module.forward_superposed(images, n, pad=True)  # grad enabled: the stem module
             with torch.no_grad():
@@ -122,6 +125,7 @@ def test_evaluation_stem_gemm_in_chunks_equals_the_module_path(binding):
                 out = module.forward_superposed(images, n, pad=True)
             assert out.shape == (x.shape[0], 5)
             assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    torch.set_num_threads(threads)
     with torch.no_grad():
         assert module.train()._eval_stem_gemm(x) is None  # training: BN batch statistics, the module path
 

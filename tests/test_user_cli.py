@@ -224,3 +224,19 @@ def test_hp_metric_is_the_monitored_metric():
                               callback_metrics={"val/acc": torch.tensor(0.75)}, loggers=[Recorder()], global_step=7)
     MonitoredHpMetric().on_validation_end(trainer, None)
     assert logged == [({"hp_metric": 0.75}, 7)]
+
+
+def test_long_analysis_passes_report_progress(capsys):
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from manynets.analysis import delta_sweep
+
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    loader = DataLoader(TensorDataset(torch.randn(40, 1, 4, 4), torch.randint(0, 3, (40,))), batch_size=4)
+    delta_sweep(net, loader, loader, deltas=[0.5, 0.9, 0.99, 3.0])
+    lines = capsys.readouterr().out.splitlines()
+    fitting = [line for line in lines if line.startswith("PCA sweep, covariances: ")]
+    assert len(fitting) == 10 and fitting[-1].startswith("PCA sweep, covariances: 10/10 batches (100 %)")
+    assert [line.split(" (")[0] for line in lines if line.startswith("PCA sweep, deltas")] == [
+        f"PCA sweep, deltas: {k}/4 deltas" for k in range(1, 5)]  # fmt: skip

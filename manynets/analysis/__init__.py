@@ -7,7 +7,8 @@ receptive fields and subspace sweeps share, written once.
   comma-separated, fractions, units in the header) and figures (``save_figure``);
 - :mod:`~manynets.analysis.checkpoints`: the backbone of a checkpoint (``load_network``);
 - :mod:`~manynets.analysis.passes`: extra passes over a data loader (``each_batch``, ``evaluate``);
-- one module per analysis: ``saturation``, ``pca``, ``probes``, ``receptive_field``, ``subspace_sweep``.
+- one module per analysis: ``saturation``, ``pca``, ``probes``, ``receptive_field``, ``subspace_sweep``,
+  ``bn_recompute`` (BN statistics of subspace points).
 
 Imports point one way (tests/test_imports.py): ``cli -> lightning_modules / callbacks -> analysis ->
 networks -> layers -> cuda_ops``; the math lives in ``layers``; Lightning hooks live in ``callbacks``.

@@ -55,9 +55,9 @@ class Progress:
         due = now - self.last_time >= self.interval
         if self.total:
             fraction = self.done / self.total
-            if fraction >= self.next_fraction or self.done >= self.total:
+            if fraction >= self.next_fraction - 1e-9 or self.done >= self.total:
                 due = True
-                while self.next_fraction <= fraction:
+                while self.next_fraction <= fraction + 1e-9:
                     self.next_fraction += self.step
         if due:
             self.last_time = now

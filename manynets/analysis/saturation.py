@@ -37,8 +37,8 @@ class SaturationTracker:
     Args:
         delta, count: threshold and counting rule of the intrinsic dimension (spec §2.2).
         conv_method, downsampling: how a conv map becomes samples (spec §2.1, ``layer_samples``).
-        matmul_dtype: ``torch.float32`` (default: batch-centred float32 products, accumulated in float64;
-            agrees with float64 to ~1e-6 relative on the eigenvalues, benchmarks/probe.py) or
+        matmul_dtype: ``torch.float32`` (default: float32 products of the mean-shifted outputs, summed in float64;
+            eigenvalues within 1e-6 of the largest and the same saturation as float64, benchmarks/probe.py) or
             ``torch.float64`` products (delve).
     """
 

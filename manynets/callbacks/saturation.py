@@ -19,7 +19,7 @@ intrinsic dimension and the saturation (spec §2.2) are computed (:mod:`manynets
 Layer names are the module paths inside the backbone joined by ``-`` (delve's naming, e.g.
 ``body-0-conv1``, ``head``); figures label them with the dotted path
 (:func:`~manynets.analysis.outputs.layer_labels`). Overhead: one ``addmm`` per tracked layer and recorded batch on the
-device, at the batch end, no host synchronisation per step, in float32 on batch-centred outputs by default
+device, at the batch end, no host synchronisation per step, in float32 on mean-shifted outputs by default
 (half the cost of float64 products, the same saturation; see
 :class:`~manynets.layers.covariance.StreamingCovariance`; ``matmul_dtype: float64`` is delve's);
 ``every_n_batches`` records every k-th batch.
@@ -64,8 +64,8 @@ class Saturation(pl.Callback):
         downsampling: resize conv maps larger than d x d to d x d (nearest) before accumulating.
         every_n_batches: record every k-th batch (delve ``log_interval``).
         modes: which loops are recorded: ``train``, ``eval`` (validation), ``test``.
-        matmul_dtype: ``float32`` (default: batch-centred float32 products, accumulated in float64; the same
-            saturation as float64, eigenvalues within ~1e-6 relative) or ``float64`` products (delve).
+        matmul_dtype: ``float32`` (default: float32 products of the mean-shifted outputs, summed in float64; the same
+            saturation as float64, eigenvalues within 1e-6 of the largest) or ``float64`` products (delve).
         dirpath: folder of the CSV and plots (default: the trainer's ``log_dir``).
         plot: draw the per-layer bars and the epoch x layer heatmap (PNG) each epoch.
     """

@@ -13,7 +13,7 @@ Forward pass at the backbone seams (spec §1.1), for a call superposing n | N im
 4. learned unbinding into N feature vectors, the r copies of each image averaged; ``head``.
 
 Evaluation on a CPU (no gradients, no autocast; MIMONet's conv-BN-ReLU stem) computes steps 1-2 in
-chunks of :data:`STEM_CHUNK_IMAGES` images per thread: the stem as one GEMM over image patches with its BN folded
+chunks of :data:`STEM_CHUNK_IMAGES` images (one thread; else one chunk): the stem as one GEMM over image patches with its BN folded
 (:class:`manynets.layers.conv_gemm.ConvBNReLU`; the library's 3-input-channel convolution runs at a
 fraction of the GEMM rate), each chunk bound by one GEMM over its stacked slots while in cache. Only
 the stem and binding grow with n at a fixed body batch; this keeps their cost per image near the GEMM
@@ -113,9 +113,11 @@ def pad_to_groups(images: Tensor, n: int) -> Tensor:
 
 
 STEM_CHUNK_IMAGES = 16
-"""Images per chunk and per thread of the evaluation stem and binding on a CPU: one thread's share of a
-chunk's stem output (16 x 64 x 32 x 32 floats = 4 MiB for MIMONet) stays in cache until it is bound;
-chunks grow with the thread count so that each parallel op still has work to share."""
+"""Images per chunk of the single-threaded evaluation stem and binding on a CPU: one chunk's stem output
+(16 x 64 x 32 x 32 floats = 4 MiB for MIMONet) stays in cache until it is bound. With several threads
+the whole batch is one chunk: every op of a chunk is a parallel region whose threads wait for each
+other, which cost more than the cache gain on a 2-core machine shared with other processes (measured
+with ``benchmarks/superposition.py``)."""
 
 
 def divisors(n: int) -> list[int]:
@@ -238,8 +240,8 @@ class SuperpositionModule(ClassifierModule):
         return ConvBNReLU.match(self.network.stem)
 
     def _stem_and_bind_in_chunks(self, images: Tensor, n: int, stem: ConvBNReLU) -> Tensor:
-        """The body's input (B/n, C, H, W): stem and binding of :data:`STEM_CHUNK_IMAGES` images per thread
-        at a time.
+        """The body's input (B/n, C, H, W): stem and binding of :data:`STEM_CHUNK_IMAGES` images at a time
+        (single-threaded; with more threads the whole batch at once).
 
         Each chunk's stem output (n slots of a group stored one after the other) is bound and bundled by
         one GEMM (:meth:`~manynets.layers.binding._Binding.bind_stacked`) into its rows of the output while
@@ -247,7 +249,7 @@ class SuperpositionModule(ClassifierModule):
         written to memory. Equal to ``binding(stem(images).view(...))`` in evaluation.
         """
         groups = images.shape[0] // n
-        per = max(1, STEM_CHUNK_IMAGES * torch.get_num_threads() // n)  # groups per chunk
+        per = max(1, STEM_CHUNK_IMAGES // n) if torch.get_num_threads() == 1 else groups  # groups per chunk
         out = None
         for start in range(0, groups, per):
             y = stem(images[start * n:(start + per) * n])
