@@ -120,7 +120,9 @@ def _main_parameter(layer: torch.nn.Module) -> torch.Tensor:
 
 
 class PiNetModule(ClassifierModule):
-    """π-net classifier (module doc). Defaults are ``cifar10mlp``'s (spec §1.11) except where noted.
+    """π-net classifier: a PiMLP (infinite or finite width) trained by π-SGD with row appends and clipping.
+
+    Defaults are ``cifar10mlp``'s (spec §1.11) except where noted (module doc).
 
     Args:
         backbone: a :class:`~manynets.networks.PiMLP` with its options (r, depth, width, alphas, ...).
@@ -183,11 +185,11 @@ class PiNetModule(ClassifierModule):
         first, last = [_main_parameter(layers[0])], [_main_parameter(layers[-1])]
         hidden, biases = [_main_parameter(l) for l in layers[1:-1]], [l.bias for l in layers]
         groups = []
-        for params, mult in ((first, h.first_layer_lr_mult), (biases, h.bias_lr_mult), (hidden, 1.0),
-                             (last, h.last_layer_lr_mult)):  # fmt: skip
+        for name, params, mult in (("first_layer", first, h.first_layer_lr_mult), ("bias", biases, h.bias_lr_mult),
+                                   ("hidden", hidden, 1.0), ("readout", last, h.last_layer_lr_mult)):  # fmt: skip
             if params:
                 wd_mult = 1.0 if h.apply_lr_mult_to_wd or mult == 0 else 1.0 / mult
-                groups.append({"params": params, "lr_mult": mult, "wd_mult": wd_mult})
+                groups.append({"params": params, "lr_mult": mult, "wd_mult": wd_mult, "name": name})
         return groups
 
     # -- training ------------------------------------------------------------------

@@ -120,6 +120,12 @@ other, which cost more than the cache gain on a 2-core machine shared with other
 with ``benchmarks/superposition.py``)."""
 
 
+def _hooked(module: nn.Module) -> bool:
+    """Whether a hook watches ``module`` or a submodule (an analysis tap, e.g. Saturation): the fused
+    stem would bypass it, so the module path runs instead."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+
+
 def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
@@ -235,7 +241,7 @@ class SuperpositionModule(ClassifierModule):
         that path applies: evaluation without gradients or autocast, on a CPU, and a conv[-BN][-ReLU] stem
         (MIMONet's); else None (the stem module on the whole batch)."""
         if (self.training or torch.is_grad_enabled() or images.device.type != "cpu" or images.dim() != 4
-                or torch.is_autocast_enabled("cpu")):
+                or torch.is_autocast_enabled("cpu") or _hooked(self.network.stem)):
             return None
         return ConvBNReLU.match(self.network.stem)
 
