@@ -181,12 +181,17 @@ def last_reallocation(m: int, r: int = 100, batch: int = 8) -> int:
     return last
 
 
+FAILURES: list[str] = []
+"""Cases whose subprocess failed (the benchmark then exits with status 1)."""
+
+
 def _subprocess(args: argparse.Namespace, *case: str) -> dict | None:
     cmd = [sys.executable, __file__, "--case", *case, "--steps", str(args.steps), "--chunk", str(args.chunk),
            "--block", str(args.block), "--batch", str(args.batch), "--threads", str(args.threads)]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         print(f"{' '.join(case)}: failed ({done.stderr.strip().splitlines()[-1:]})", file=sys.stderr)
+        FAILURES.append(" ".join(case))
         return None
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -239,3 +244,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    if FAILURES:
+        sys.exit(f"failed cases: {', '.join(FAILURES)}")

@@ -71,7 +71,11 @@ def test_fresh_backbones_draw_what_they_drew_before(name: str) -> None:
     if cls is PiMLP:
         with torch.no_grad():
             got.append(float(net(torch.linspace(-1, 1, 32).reshape(2, 16)).double().sum()))
-    assert got == pytest.approx(list(expected), rel=1e-12, abs=1e-12)
+    # Draws are bit-exact; what is computed from them in float32 (the μ-net's scaled projections, the π-net's
+    # forward) rounds differently on CPUs with other SIMD widths (measured: 7e-10 in the state sums, 8e-7 in
+    # the output), far below what another init recipe or draw order would change.
+    assert got[:3] == pytest.approx(list(expected[:3]), rel=1e-8, abs=1e-12)
+    assert got[3:] == pytest.approx(list(expected[3:]), rel=1e-5, abs=1e-12)
 
 
 def redraw(net: nn.Module, part: nn.Module, seed: int = 1) -> nn.Module:
