@@ -83,6 +83,11 @@ def main(argv: list[str]) -> int:
         print(markdown(rows))
         if args.out:
             out = Path(args.out)
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise ConfigError(f"--out '{out}' cannot be created ({err.strerror or err}). Give a directory you "
+                                  "can write to.") from None
             path = write_report_csv(rows, out / "report.csv")
             figures = write_figures(rows, out)
             print(f"\nWrote {path} and {len(figures)} figure(s): {', '.join(p.name for p in figures) or 'none'}")

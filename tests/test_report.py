@@ -81,6 +81,13 @@ def test_bad_input_exits_2(tmp_path, capsys):
     assert exit_info.value.code == 2
 
 
+def test_unwritable_out_directory_exits_2(tmp_path, capsys):
+    run = results(tmp_path / "run", config_root() / "quickstart" / "digits.yaml", {"test/acc": 0.9})
+    (tmp_path / "file").write_text("")
+    assert main([str(run), "--out", str(tmp_path / "file" / "report")]) == 2
+    assert "--out" in capsys.readouterr().err
+
+
 def test_globs_and_parent_directories(tmp_path):
     config = REPO / "configs" / "quickstart" / "digits.yaml"
     for name in ("a", "b"):

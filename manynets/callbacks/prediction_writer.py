@@ -30,6 +30,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from manynets.analysis.outputs import read_csv, write_csv
+from manynets.errors import check_arg
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -46,8 +47,10 @@ class PredictionWriter(BasePredictionWriter):
     def __init__(self, filename: str = "predictions.csv", dirpath: str | None = None, variants: bool = True,
                  digits: int = 6) -> None:  # fmt: skip
         super().__init__(write_interval="batch")
-        if not filename or "/" in filename:
-            raise ValueError(f"PredictionWriter filename={filename!r}: a file name without '/' (use dirpath).")
+        name = "trainer.callbacks[PredictionWriter].init_args"
+        check_arg(bool(filename) and "/" not in filename, f"{name}.filename", filename, "a file name without '/'",
+                  "Give the folder with dirpath.")
+        check_arg(0 <= digits <= 17, f"{name}.digits", digits, "0..17 decimals")
         self.filename, self.dirpath, self.variants, self.digits = filename, dirpath, variants, digits
         self.rows: list[dict[str, Any]] = []
         self._seen: dict[int, int] = {}

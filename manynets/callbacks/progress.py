@@ -21,6 +21,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ProgressBar
 
 from manynets.analysis.progress import duration
+from manynets.errors import check_arg
 
 
 def _value(value: Any) -> str:
@@ -40,8 +41,9 @@ class PlainProgress(ProgressBar):
 
     def __init__(self, every: float = 0.1, interval: float = 60.0) -> None:
         super().__init__()
-        if not 0.0 < every <= 1.0:
-            raise ValueError(f"PlainProgress every={every}: expected a fraction in (0, 1], e.g. 0.1 for every 10 %.")
+        name = "trainer.callbacks[PlainProgress].init_args"
+        check_arg(0.0 < every <= 1.0, f"{name}.every", every, "a fraction in (0, 1]", "0.1 prints every 10 %.")
+        check_arg(interval > 0, f"{name}.interval", interval, "> 0 seconds")
         self.every, self.interval = every, interval
         self._enabled = True
         self._start = self._last = time.monotonic()

@@ -179,7 +179,7 @@ class ClassifierModule(OptimizationMixin, pl.LightningModule):
         if self._fast_path_applied:
             return
         if self.channels_last:
-            to_channels_last(self)
+            self.to(memory_format=torch.channels_last)  # 4-D parameters and buffers, in place
         if self.compile_forward:
             for module in self.compiled_modules():
                 module.compile()  # in place: no ``_orig_mod.`` in state-dict keys
@@ -391,16 +391,6 @@ class ClassifierModule(OptimizationMixin, pl.LightningModule):
 
 def _is_maps(x: Any) -> bool:
     return isinstance(x, torch.Tensor) and x.dim() == 4 and x.is_floating_point()
-
-
-@torch.no_grad()
-def to_channels_last(module: nn.Module) -> nn.Module:
-    """Every 4-D floating parameter and buffer of ``module`` (convolution weights) in the channels-last
-    memory format, in place (the tensors keep their identity, as with ``module.to``); returns ``module``."""
-    for tensor in (*module.parameters(), *module.buffers()):
-        if _is_maps(tensor) and not tensor.is_contiguous(memory_format=torch.channels_last):
-            tensor.data = tensor.data.contiguous(memory_format=torch.channels_last)
-    return module
 
 
 def _is_metric_state(key: str) -> bool:
